@@ -1,0 +1,112 @@
+"""Noise mechanisms: clip each user's update (`constrain_sensitivity`), noise the sum
+(`add_noise`), and describe one release to the accountants (`dp_event`).
+
+Strategies and trainers only use this interface, so a new mechanism (LMO, ...) is a
+new subclass and nothing else changes. The split follows pfl-research
+(`pfl/privacy/privacy_mechanism.py`): the first verb runs per user, the second on the
+aggregate, and both return `(result, metrics)`.
+
+Sensitivity: with add/remove-one-user neighbours and every update clipped to L2 norm
+C, the sum of clipped updates changes by at most C in L2.
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets
+
+import torch
+from dp_accounting import dp_event
+
+from fedsim.privacy.accounting import check_noise_multiplier
+
+
+def per_user_clip(update: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, float]:
+    """Scale `update` in place to L2 norm <= clip_norm (direction kept). Returns (update, norm before).
+
+    Same factor as Opacus: min(1, C / (||u|| + 1e-6)), so the result is strictly inside the ball.
+    """
+    norm = float(torch.linalg.vector_norm(update.float()))
+    factor = min(1.0, clip_norm / (norm + 1e-6))
+    if factor < 1.0:
+        update.mul_(factor)
+    return update, norm
+
+
+def make_noise_generator(device: torch.device | str, seed: int | None) -> tuple[torch.Generator, str]:
+    """A torch generator for noise: seeded from the OS CSPRNG unless a seed is given.
+
+    Returns the generator and its provenance ("os-entropy" or "reproducible-seed"),
+    which the run records in summary.json.
+    """
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.manual_seed(secrets.randbits(63))
+        return gen, "os-entropy"
+    gen.manual_seed(int(seed))
+    return gen, "reproducible-seed"
+
+
+class NoiseMechanism(abc.ABC):
+    """One central-DP release of a sum of per-user updates clipped to `clip_norm`."""
+
+    name: str = ""
+
+    def __init__(self, clip_norm: float):
+        if not clip_norm > 0:
+            raise ValueError(f"clip norm must be positive, got {clip_norm!r}")
+        self.clip_norm = float(clip_norm)
+
+    def constrain_sensitivity(self, update: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Clip one user's update (in place) to L2 norm <= C."""
+        update, norm = per_user_clip(update, self.clip_norm)
+        return update, {"norm_before_clip": norm, "clipped": float(norm > self.clip_norm)}
+
+    @abc.abstractmethod
+    def sample_noise(self, shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
+        """Noise for a sum of clipped updates (already scaled by C)."""
+
+    def add_noise(self, aggregate: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Add noise to the (clipped) sum, in place."""
+        noise = self.sample_noise(aggregate.shape, generator, aggregate.device, aggregate.dtype)
+        signal = float(torch.linalg.vector_norm(aggregate))
+        aggregate.add_(noise)
+        return aggregate, {"noise_std": self.noise_std(), "noise_norm": float(torch.linalg.vector_norm(noise)), "signal_norm": signal}
+
+    @abc.abstractmethod
+    def noise_std(self) -> float:
+        """Per-coordinate standard deviation of the noise on the sum."""
+
+    @abc.abstractmethod
+    def dp_event(self) -> dp_event.DpEvent:
+        """One (unsampled) release of a sensitivity-C sum, for the accountants."""
+
+    def describe(self) -> dict:
+        return {"mechanism": self.name, "clip_norm": self.clip_norm, "noise_std": self.noise_std()}
+
+
+class GaussianMechanism(NoiseMechanism):
+    """z ~ N(0, (sigma C)^2 I) added to the sum; the noise multiplier is sigma = std / C."""
+
+    name = "gaussian"
+
+    def __init__(self, clip_norm: float, noise_multiplier: float):
+        super().__init__(clip_norm)
+        if noise_multiplier != 0:
+            check_noise_multiplier(noise_multiplier, "noise_multiplier")
+        self.noise_multiplier = float(noise_multiplier)
+
+    def sample_noise(self, shape, generator, device, dtype=torch.float32) -> torch.Tensor:
+        z = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        return z.mul_(self.noise_multiplier * self.clip_norm).to(dtype)
+
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.clip_norm
+
+    def dp_event(self) -> dp_event.DpEvent:
+        if self.noise_multiplier == 0:
+            return dp_event.NonPrivateDpEvent()
+        return dp_event.GaussianDpEvent(self.noise_multiplier)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "noise_multiplier": self.noise_multiplier}
