@@ -1,0 +1,115 @@
+"""`fedsim run | compare | account | lmo-search | data | report`.
+
+Heavy imports (torch, flwr, ray, peft) happen inside the subcommands. A user mistake
+(`FedsimError`) prints one line `error: ...` and exits with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default="configs/default.yaml", help="experiment YAML (default: configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set dp.epsilon=2 (repeatable)")
+
+
+def _print_summary_table(summaries: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="fedsim result")
+    for col in ("method", "epsilon", "delta", "sigma", "rounds/steps", "compute", "eval loss before", "eval loss after",
+                "perplexity after", "wall time"):
+        t.add_column(col)
+    for s in summaries:
+        sigma = s.get("noise_multiplier")
+        t.add_row(
+            s.get("method", "?"), f"{s['epsilon']:.4g} (target {s.get('target_epsilon')})" if isinstance(s["epsilon"], float) else str(s["epsilon"]),
+            f"{s['delta']:.3g}", f"{sigma:.4g}" if isinstance(sigma, (int, float)) else str(sigma),
+            str(s.get("rounds", s.get("steps"))), f"{s.get('compute_examples', 0):,}",
+            f"{s['eval_loss_before']:.4f}", f"{s['eval_loss_after']:.4f}", f"{s['eval_perplexity_after']:.3f}",
+            f"{s['wall_time_s']:.1f}s",
+        )
+    Console().print(t)
+
+
+def cmd_run(args) -> int:
+    from fedsim.config import load_config
+    from fedsim.simulate import run_uls
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir, summary = run_uls(cfg)
+    _print_summary_table([summary])
+    print(f"run directory: {run_dir}")
+    if summary["stop_reason"] != "completed planned rounds":
+        print(f"note: {summary['stop_reason']}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    import numpy as np
+
+    from fedsim.config import load_config
+    from fedsim.data import build_store
+
+    cfg = load_config(args.config, args.overrides)
+    store = build_store(cfg.data)
+    n = store.num_users
+    sizes = np.array([len(store.train_examples(u)) + len(store.test_examples(u)) for u in range(n)])
+    qs = np.percentile(sizes, [0, 10, 25, 50, 75, 90, 99, 100])
+    print(f"source: {cfg.data.source}")
+    print(f"users: {n}")
+    print(f"examples: {int(sizes.sum())} (train {sum(len(store.train_examples(u)) for u in range(n))})")
+    print("examples per user quantiles: " + ", ".join(f"p{p}={v:g}" for p, v in zip((0, 10, 25, 50, 75, 90, 99, 100), qs)))
+    pub = store.public_examples()
+    if pub:
+        print(f"public examples (pre-training): {len(pub)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="fedsim", description="Federated fine-tuning with user-level DP: ULS vs ELS.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run an experiment (ULS on Flower)")
+    _add_config_args(p_run)
+    p_data = sub.add_parser("data", help="inspect the user store of a config")
+    p_data.add_argument("what", choices=["stats"])
+    _add_config_args(p_data)
+    sub.add_parser("account", help="epsilon from every accountant; `fedsim account -h`", add_help=False)
+    sub.add_parser("lmo-search", help="offline LMO noise search; `fedsim lmo-search -h`", add_help=False)
+    sub.add_parser("compare", help="ULS vs ELS at matched (epsilon, delta) and compute; `fedsim compare -h`", add_help=False)
+
+    # subcommands with their own parsers take the rest of the line
+    if argv and argv[0] in ("account", "lmo-search", "compare"):
+        return _dispatch_external(argv[0], argv[1:])
+    args = parser.parse_args(argv)
+    handlers = {"run": cmd_run, "data": cmd_data}
+    return _guard(lambda: handlers[args.command](args))
+
+
+def _dispatch_external(name: str, rest: list[str]) -> int:
+    import importlib
+
+    mod = {"account": "fedsim.account", "lmo-search": "fedsim.lmo_search", "compare": "fedsim.compare"}[name]
+    return _guard(lambda: importlib.import_module(mod).main(rest))
+
+
+def _guard(fn) -> int:
+    from fedsim.errors import FedsimError
+
+    try:
+        return int(fn() or 0)
+    except FedsimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

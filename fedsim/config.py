@@ -1,0 +1,201 @@
+"""Experiment configuration: pydantic models, YAML in, strict dotted overrides.
+
+Every default lives here with its meaning and units (as at the top of nanoGPT's
+train.py). `load_config(path, overrides=["dp.epsilon=2"])` reads a YAML file, applies
+`--set` overrides (unknown keys are refused, values type-checked by pydantic) and
+returns an `ExperimentConfig`. An invalid value raises `ConfigError` naming the key
+and the allowed range.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedsim.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    source: Literal["shakespeare", "files", "synthetic"] = "shakespeare"  # where users come from
+    public_plays: int = Field(5, ge=0, le=30)  # shakespeare: whole plays kept apart as public (pre-training) data
+    min_examples: int = Field(4, ge=1)  # users with fewer examples (train + test) are left out
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # per-user held-out share of examples (the last ones)
+    max_users: int | None = Field(None, ge=1)  # keep only the first N users (smoke tests)
+    seq_len: int = Field(64, ge=8, le=4096)  # tokens per example (longer speeches are truncated)
+    path: str | None = None  # files: a JSONL / CSV / Parquet file
+    user_column: str = "user_id"  # files: the user-id column
+    text_column: str = "text"  # files: the text column
+    num_users: int = Field(1000, ge=1)  # synthetic: population size
+    seed: int = 0  # data split / synthetic generation seed
+
+
+class LoraConfig(_Strict):
+    enabled: bool = True  # train LoRA adapters only (the base model stays frozen and never travels)
+    r: int = Field(8, ge=1)  # adapter rank
+    alpha: float = Field(16.0, gt=0)  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: the architecture's attention + MLP projections
+
+
+class ArchConfig(_Strict):
+    n_layer: int = Field(2, ge=1)
+    n_embd: int = Field(128, ge=8)
+    n_head: int = Field(2, ge=1)
+
+
+class PretrainConfig(_Strict):
+    enabled: bool = True  # pre-train on the public plays first (cached), the paper's public/private setting
+    steps: int = Field(300, ge=0)  # optimizer steps of the public pre-training
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)  # Adam learning rate
+
+
+class ModelConfig(_Strict):
+    source: Literal["config", "local"] = "config"  # config: GPT-2 style from `arch`, random init; local: a directory
+    path: str | None = None  # local: a HF model directory (config.json + weights) or a GGUF's directory
+    gguf_file: str | None = None  # local: the GGUF file name inside `path` (needs the `gguf` package)
+    arch: ArchConfig = ArchConfig()
+    lora: LoraConfig = LoraConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    dtype: Literal["float32", "bfloat16"] = "float32"  # autocast dtype for forward passes on CUDA
+
+
+class UlsConfig(_Strict):
+    expected_cohort: float = Field(50.0, gt=0)  # q * N: expected users per round (q = expected_cohort / users)
+    local_epochs: int = Field(1, ge=1)  # passes over the user's examples (unless local_steps is set)
+    local_steps: int | None = Field(None, ge=1)  # fixed number of local batches instead of epochs
+    max_examples_per_user: int | None = Field(None, ge=1)  # cap a user's training examples (seeded choice)
+    batch_size: int = Field(8, ge=1)  # local batch size
+    client_optimizer: Literal["sgd", "adam"] = "sgd"
+    client_lr: float = Field(0.5, gt=0)
+    server_optimizer: Literal["sgd", "momentum", "adam"] = "sgd"
+    server_lr: float = Field(1.0, gt=0)
+    server_momentum: float = Field(0.9, ge=0, lt=1)  # momentum: heavy-ball coefficient; adam: beta1
+    users_per_client: int = Field(1, ge=1)  # >1: scale mode, a Flower client trains a list of users and returns the sum
+
+
+class DpConfig(_Strict):
+    epsilon: float | None = Field(8.0, gt=0)  # target user-level epsilon for the planned rounds (None: non-private)
+    delta: float | None = Field(None, gt=0, lt=1)  # None: 1 / N^1.1 for N users
+    clip_norm: float = Field(1.0, gt=0)  # per-user L2 clipping norm C of the model delta
+    noise_multiplier: float | None = Field(None, ge=0)  # set to skip calibration (0: no noise, epsilon = inf)
+    accountant: Literal["pld", "rdp", "prv", "edgeworth"] = "pld"  # the accountant that reports epsilon
+    mechanism: Literal["gaussian", "lmo"] = "gaussian"
+    lmo: dict[str, Any] | None = None  # lmo: parameters, or {"search": path-to-search-result.json}
+    reproducible: bool = False  # seed the noise from run.seed (tests only); default: OS entropy
+
+
+class SimulationConfig(_Strict):
+    backend: Literal["ray", "inprocess"] = "ray"  # ray: Flower's simulation engine; inprocess: same logic, no Ray (debug)
+    num_cpus: float = Field(1.0, gt=0)  # per Flower client (actor)
+    num_gpus: float = Field(0.0, ge=0)  # per actor, fractional allowed (0.25 = four actors per GPU)
+    num_workers: int | None = Field(None, ge=1)  # scale mode: number of Flower nodes (default: one per CPU)
+    ray_address: str | None = None  # join an existing Ray cluster ("auto" or "ray://host:10001")
+    timeout: float = Field(600.0, gt=0)  # seconds to wait for a round's replies
+    verbose: bool = False  # Flower / Ray logs on the console
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    output_dir: str = "runs"  # a run directory <output_dir>/<name> is created (never overwritten)
+    rounds: int = Field(30, ge=1)  # planned rounds (ULS); the budget is calibrated for these
+    seed: int = 0
+    eval_every: int = Field(5, ge=1)
+    eval_examples: int = Field(512, ge=1)  # held-out examples used for evaluation (fixed seeded subset)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads (None: torch default)
+
+
+class ExperimentConfig(_Strict):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    uls: UlsConfig = UlsConfig()
+    dp: DpConfig = DpConfig()
+    simulation: SimulationConfig = SimulationConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExperimentConfig":
+        if self.model.source == "local" and not self.model.path:
+            raise ValueError("model.path is required when model.source is 'local'")
+        if self.data.source == "files" and not self.data.path:
+            raise ValueError("data.path is required when data.source is 'files'")
+        if self.model.arch.n_embd % self.model.arch.n_head:
+            raise ValueError("model.arch.n_embd must be divisible by model.arch.n_head")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "(config)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{key}: {msg} (got {err.get('input')!r})" if err["type"] != "extra_forbidden" else f"{key}: {msg}")
+    return f"invalid config {source}: " + "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=1' -> (['a', 'b'], 1). The value is parsed as YAML (numbers, bools, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for ov in overrides:
+        path, value = parse_override(ov)
+        node = raw
+        for p in path[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {ov!r}: {p} is not a section")
+            node = node[p]
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw: dict = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def config_from_json(text: str) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(json.loads(text))

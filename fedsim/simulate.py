@@ -1,0 +1,120 @@
+"""Assemble and run the Flower app: the ServerApp (server/) and ClientApp (clients/) on
+Flower's simulation engine with the Ray backend, or in-process (same logic, no Ray).
+
+This is the one module of `fedsim` that imports the Flower glue packages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from fedsim.errors import FedsimError
+
+
+class InProcessGrid:
+    """A Grid that runs the ClientApp handler in this process: for tests and debugging.
+
+    Each message is handled as a Flower node would: an exception becomes an error reply.
+    """
+
+    def __init__(self, cfg, num_nodes: int):
+        from flwr.supercore.task_identity import TaskIdentity
+
+        for attr_name in ("run_id", "node_id", "task_id"):  # Messages need ids outside a SuperLink
+            try:
+                getattr(TaskIdentity, attr_name)
+            except RuntimeError:
+                setattr(TaskIdentity, attr_name, 0)
+        self.cfg, self._nodes = cfg, list(range(1, num_nodes + 1))
+
+    def get_node_ids(self):
+        return list(self._nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error, Message
+
+        from clients.client_app import handle_train
+        from fedsim.workers import get_worker
+
+        replies = []
+        for msg in messages:
+            try:
+                content = handle_train(get_worker(self.cfg), msg.content)
+                replies.append(Message(content=content, reply_to=msg))
+            except Exception as exc:  # a failing client is a failed reply, not a crashed server
+                replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+        return replies
+
+
+def num_nodes_for(cfg, num_users: int) -> int:
+    if cfg.uls.users_per_client == 1:
+        return num_users  # one Flower node per user
+    if cfg.simulation.num_workers:
+        return cfg.simulation.num_workers
+    return max(1, int((os.cpu_count() or 1) // cfg.simulation.num_cpus))
+
+
+def _quiet_logs(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("flwr").setLevel(level)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:
+        os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
+
+
+def run_uls(cfg, say=print) -> tuple[Path, dict]:
+    """Run a ULS experiment; returns (run directory, summary)."""
+    from fedsim.data import build_store
+    from fedsim.rundir import create_run_dir
+    from fedsim.uls import plan_uls
+
+    # fail on bad input before any process is started
+    store = build_store(cfg.data)
+    plan_uls(cfg, store.num_users) if cfg.dp.mechanism == "gaussian" and cfg.dp.noise_multiplier is not None else None
+    run_dir = create_run_dir(cfg)
+    say(f"run directory: {run_dir}")
+    nodes = num_nodes_for(cfg, store.num_users)
+    if cfg.simulation.backend == "inprocess":
+        from server.server_app import run_server
+
+        return run_dir, run_server(InProcessGrid(cfg, nodes), cfg, run_dir, say)
+
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import make_client_app
+    from server.server_app import make_server_app
+
+    _quiet_logs(cfg.simulation.verbose)
+    outcome: dict = {}
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
+        "init_args": {"logging_level": "INFO" if cfg.simulation.verbose else "ERROR",
+                      "log_to_driver": bool(cfg.simulation.verbose)},
+    }
+    if cfg.simulation.ray_address:
+        backend_config["init_args"]["address"] = cfg.simulation.ray_address
+    run_simulation(
+        server_app=make_server_app(cfg, run_dir, outcome),
+        client_app=make_client_app(cfg),
+        num_supernodes=nodes,
+        backend_config=backend_config,
+        verbose_logging=cfg.simulation.verbose,
+    )
+    _shutdown_ray()
+    if "error" in outcome:
+        raise outcome["error"]
+    if "summary" not in outcome:
+        raise FedsimError(f"the Flower simulation ended without a result; see {run_dir}")
+    return run_dir, outcome["summary"]
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # best effort: Ray may already be gone
+        pass

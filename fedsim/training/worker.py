@@ -1,0 +1,53 @@
+"""A cohort worker: trains a list of users from the same global weights and returns the
+sum of their individually clipped deltas (DESIGN.md, "Scale mode").
+
+Per-user clipping happens before summing, so the sum has the same sensitivity C as in
+the one-user-per-client path: privacy is unchanged. A user whose delta is not finite
+is left out of the sum and counted as a failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fedsim.privacy.mechanisms import per_user_clip
+from fedsim.training.local import train_user, user_generator
+
+
+@dataclass
+class CohortResult:
+    delta_sum: torch.Tensor
+    num_users: int = 0  # users whose clipped delta is in the sum
+    num_examples: int = 0
+    loss_sum: float = 0.0
+    clipped: int = 0  # users whose delta norm exceeded C
+    failed: int = 0  # users left out (non-finite delta)
+    norms: list[float] = field(default_factory=list)
+
+
+class CohortWorker:
+    """Holds one task (model built once per process) and one user store."""
+
+    def __init__(self, task, store, cfg):
+        self.task, self.store, self.cfg = task, store, cfg
+
+    def train_users(self, user_ids, global_flat: torch.Tensor, server_round: int) -> CohortResult:
+        clip = self.cfg.dp.clip_norm
+        global_flat = global_flat.to(self.task.flat.flat.device, self.task.flat.flat.dtype)
+        out = CohortResult(delta_sum=torch.zeros_like(global_flat))
+        for u in user_ids:
+            gen = user_generator(self.cfg.run.seed, server_round, int(u))
+            res = train_user(self.task, global_flat, self.store.train_examples(int(u)), self.cfg.uls, gen)
+            if not torch.isfinite(res.delta).all():
+                out.failed += 1
+                continue
+            delta, norm = per_user_clip(res.delta, clip)
+            out.delta_sum.add_(delta)
+            out.num_users += 1
+            out.num_examples += res.num_examples
+            out.loss_sum += res.loss
+            out.clipped += int(norm > clip)
+            out.norms.append(norm)
+        return out

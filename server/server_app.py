@@ -1,0 +1,146 @@
+"""fedsim ServerApp: plans the privacy budget, builds the DP-FedAvg strategy, runs the
+rounds, evaluates centrally on held-out examples, and writes the run directory."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.data import build_store
+from fedsim.errors import BudgetExceededError
+from fedsim.models import build_task
+from fedsim.privacy.accounting import make_accountant
+from fedsim.privacy.budget import PrivacyBudget
+from fedsim.privacy.ledger import PrivacyLedger
+from fedsim.privacy.mechanisms import make_noise_generator
+from fedsim.progress import RoundProgress
+from fedsim.rundir import RunWriter
+from fedsim.sampling import PoissonUserSampler
+from fedsim.training.server_opt import ServerOptimizer
+from fedsim.uls import plan_uls
+from strategies.dp_fedavg import DPFedAvg
+
+log = logging.getLogger("fedsim")
+
+
+def eval_examples(store, n: int, seed: int) -> list:
+    """A fixed, seeded subset of every user's held-out examples."""
+    pool = [x for u in range(store.num_users) for x in store.test_examples(u)]
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
+def run_server(grid: Grid, cfg, run_dir: Path, say=print) -> dict:
+    t_start = time.time()
+    writer = RunWriter(run_dir)
+    # users, model, held-out data
+    store = build_store(cfg.data)
+    task = build_task(cfg, store, log=say)
+    evalset = eval_examples(store, cfg.run.eval_examples, cfg.run.seed)
+    # privacy plan: q, delta, calibrated mechanism
+    plan = plan_uls(cfg, store.num_users)
+    for w in plan.warnings:
+        say(f"warning: {w}")
+    ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
+    budget = PrivacyBudget(ledger, make_accountant(cfg.dp.accountant), plan.delta, plan.target_epsilon)
+    noise_gen, noise_source = make_noise_generator("cpu", cfg.run.seed + 7919 if cfg.dp.reproducible else None)
+    w = task.flat.get().cpu()
+    strategy = DPFedAvg(
+        num_users=store.num_users, sampling_rate=plan.q, mechanism=plan.mechanism,
+        server_optimizer=ServerOptimizer(w, cfg.uls.server_optimizer, cfg.uls.server_lr, cfg.uls.server_momentum),
+        budget=budget, sampler=PoissonUserSampler(store.num_users, plan.q, seed=cfg.run.seed),
+        noise_generator=noise_gen, users_per_client=cfg.uls.users_per_client,
+    )
+    say(f"ULS: {store.num_users} users, q={plan.q:.4g} (expected cohort {plan.q * store.num_users:.1f}),"
+        f" {cfg.run.rounds} rounds, {task.flat.numel:,} trainable weights, {plan.mechanism.describe()},"
+        f" target epsilon={plan.target_epsilon}, delta={plan.delta:.3g} ({cfg.dp.accountant})")
+    before = task.evaluate(evalset)
+    writer.append_metrics({"round": 0, "eval_loss": before["loss"], "eval_perplexity": before["perplexity"], "epsilon": 0.0})
+    stop_reason, rounds_done, compute = "completed planned rounds", 0, 0
+    after = before
+    progress = RoundProgress(cfg.run.rounds, enabled=not cfg.simulation.verbose)
+    with progress:
+        for rnd in range(1, cfg.run.rounds + 1):
+            t0 = time.time()
+            # sample the cohort and send the global weights (the budget guard may stop here)
+            try:
+                messages = strategy.configure_train(rnd, ArrayRecord({"w": Array(w.numpy())}), ConfigRecord(), grid)
+            except BudgetExceededError as exc:
+                stop_reason = str(exc)
+                say(f"stopping: {exc}")
+                break
+            # clients train their users and reply with clipped sums
+            replies = grid.send_and_receive(messages, timeout=cfg.simulation.timeout)
+            # sum, noise, divide by qN, server step, ledger
+            arrays, metrics = strategy.aggregate_train(rnd, replies)
+            w = torch.from_numpy(arrays["w"].numpy().copy())
+            row = dict(metrics)
+            compute += int(row["examples"])
+            row["compute"] = compute
+            # evaluate every eval_every rounds and at the end
+            if rnd % cfg.run.eval_every == 0 or rnd == cfg.run.rounds:
+                task.flat.set(w)
+                after = task.evaluate(evalset)
+                row.update(eval_loss=after["loss"], eval_perplexity=after["perplexity"])
+            row["time"] = time.time() - t0
+            writer.append_metrics(row)
+            rounds_done = rnd
+            progress.update(rnd, row.get("epsilon", float("nan")), row.get("eval_loss"))
+    task.flat.set(w)
+    after = task.evaluate(evalset)
+    writer.save_weights(task.flat.state_dict(), metadata={"format": "fedsim trainable weights", "rounds": str(rounds_done)})
+    eps = budget.spent()
+    wall = time.time() - t_start
+    summary = {
+        "method": "ULS", "rounds": rounds_done, "planned_rounds": cfg.run.rounds, "stop_reason": stop_reason,
+        "num_users": store.num_users, "q": plan.q, "expected_cohort": plan.q * store.num_users,
+        "epsilon": eps, "target_epsilon": plan.target_epsilon, "delta": plan.delta, "accountant": cfg.dp.accountant,
+        "mechanism": plan.mechanism.describe(), "noise_multiplier": getattr(plan.mechanism, "noise_multiplier", None),
+        "noise_source": noise_source, "trust_model": "central DP: a trusted server sees per-user clipped deltas",
+        "eval_loss_before": before["loss"], "eval_perplexity_before": before["perplexity"],
+        "eval_loss_after": after["loss"], "eval_perplexity_after": after["perplexity"],
+        "compute_examples": compute, "trainable_weights": task.flat.numel, "wall_time_s": wall,
+        "time_per_round_s": wall / max(rounds_done, 1), "warnings": plan.warnings,
+    }
+    writer.write_json("summary.json", summary)
+    return summary
+
+
+def make_server_app(cfg, run_dir: Path, outcome: dict) -> ServerApp:
+    """A ServerApp bound to a config and run directory; `outcome` receives the summary or the error."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome["summary"] = run_server(grid, cfg, run_dir)
+        except BaseException as exc:  # surfaced by fedsim.simulate after Flower returns
+            outcome["error"] = exc
+
+    return app
+
+
+def _app_from_run_config() -> ServerApp:
+    """`flwr run .`: the ServerApp reads its config path from the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from clients.client_app import config_from_context
+        from fedsim.rundir import create_run_dir
+
+        cfg = config_from_context(context)
+        run_server(grid, cfg, create_run_dir(cfg))
+
+    return app
+
+
+app = _app_from_run_config()
