@@ -82,6 +82,29 @@ class UlsConfig(_Strict):
     users_per_client: int = Field(1, ge=1)  # >1: scale mode, a Flower client trains a list of users and returns the sum
 
 
+class ElsConfig(_Strict):
+    """ELS: centralized DP-SGD with example-level Poisson sampling and a user-level accountant."""
+
+    k: int = Field(16, ge=1)  # examples kept per user (seeded choice); the group size of the user-level accountant
+    expected_batch: float = Field(64.0, gt=0)  # q * (capped examples): expected examples per step
+    steps: int | None = Field(None, ge=1)  # planned steps; None: match ULS's planned compute (see compare.budget)
+    clip_norm: float | None = Field(None, gt=0)  # per-example gradient L2 clip C (None: dp.clip_norm)
+    optimizer: Literal["sgd", "momentum", "adam"] = "sgd"  # the server-optimizer family ULS uses, on the noisy mean gradient
+    lr: float = Field(0.5, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # momentum: heavy-ball coefficient; adam: beta1
+    per_example: Literal["auto", "hooks", "vmap", "opacus"] = "auto"  # per-example gradients (auto: hooks, else vmap)
+    micro_batch: int = Field(256, ge=1)  # examples per forward pass (a Poisson batch can exceed its expectation)
+    eval_every: int = Field(50, ge=1)  # steps between evaluations (and at the end)
+    accounting_interval: float = Field(1e-2, gt=0, le=0.1)  # PLD discretisation of the mixture (coarser: faster, looser, still an upper bound)
+
+
+class CompareConfig(_Strict):
+    """`fedsim compare`: ULS vs ELS at the same (epsilon, delta) and compute budget."""
+
+    budget: int | None = Field(None, ge=1)  # example-gradient evaluations per method; None: ULS's planned compute (run.rounds)
+    name: str = "compare"  # comparison directory <run.output_dir>/<name>
+
+
 class DpConfig(_Strict):
     epsilon: float | None = Field(8.0, gt=0)  # target user-level epsilon for the planned rounds (None: non-private)
     delta: float | None = Field(None, gt=0, lt=1)  # None: 1 / N^1.1 for N users
@@ -111,7 +134,7 @@ class RunConfig(_Strict):
     eval_every: int = Field(5, ge=1)
     eval_examples: int = Field(512, ge=1)  # held-out examples used for evaluation (fixed seeded subset)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads (None: torch default)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads per process (None: 1, best for small per-user batches)
 
 
 class ExperimentConfig(_Strict):
@@ -121,6 +144,8 @@ class ExperimentConfig(_Strict):
     uls: UlsConfig = UlsConfig()
     dp: DpConfig = DpConfig()
     simulation: SimulationConfig = SimulationConfig()
+    els: ElsConfig = ElsConfig()
+    compare: CompareConfig = CompareConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "ExperimentConfig":

@@ -67,14 +67,24 @@ def _quiet_logs(verbose: bool) -> None:
 def run_uls(cfg, say=print) -> tuple[Path, dict]:
     """Run a ULS experiment; returns (run directory, summary)."""
     from fedsim.data import build_store
+    from fedsim.models.causal_lm import check_model_source
     from fedsim.rundir import create_run_dir
     from fedsim.uls import plan_uls
 
-    # fail on bad input before any process is started
+    # fail on bad input before any process is started or file written
     store = build_store(cfg.data)
-    plan_uls(cfg, store.num_users) if cfg.dp.mechanism == "gaussian" and cfg.dp.noise_multiplier is not None else None
+    check_model_source(cfg)
+    plan = plan_uls(cfg, store.num_users)
+    if cfg.dp.mechanism == "gaussian" and cfg.dp.noise_multiplier is None:
+        # record the calibrated sigma in the resolved config; the target epsilon stays the budget
+        cfg = cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"noise_multiplier": plan.mechanism.noise_multiplier})})
     run_dir = create_run_dir(cfg)
     say(f"run directory: {run_dir}")
+    # One intra-op thread unless asked: the tiny per-user batches gain nothing from more, and
+    # OpenMP threads spinning beside Ray actors (which Ray pins to 1 thread) slowed rounds ~50x.
+    import torch
+
+    torch.set_num_threads(cfg.run.threads or 1)
     nodes = num_nodes_for(cfg, store.num_users)
     if cfg.simulation.backend == "inprocess":
         from server.server_app import run_server

@@ -19,10 +19,9 @@ def get_worker(cfg):
     with _LOCK:
         w = _CACHE.get(key)
         if w is None:
-            if cfg.run.threads:
-                import torch
+            import torch
 
-                torch.set_num_threads(cfg.run.threads)
+            torch.set_num_threads(cfg.run.threads or 1)
             store = build_store(cfg.data)
             w = CohortWorker(build_task(cfg, store, log=lambda *_: None), store, cfg)
             _CACHE.clear()  # one config per process at a time

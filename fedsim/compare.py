@@ -1,0 +1,198 @@
+"""`fedsim compare CONFIG [--set k=v]`: ULS vs ELS at the same (epsilon, delta) and compute.
+
+Compute is counted in per-example gradient evaluations (one forward + backward of one
+example through the model):
+  ULS: sum over rounds of (sampled users x examples each uses x local epochs), i.e.
+       expected q_users * sum_u used(u) per round (`uls_user_compute`);
+  ELS: expected batch q M per step.
+`compare.budget` fixes the total for both methods (None: ULS's planned compute,
+run.rounds rounds); ULS then runs budget / (expected compute per round) rounds and ELS
+budget / (expected batch) steps. Both are calibrated to dp.epsilon at the same delta:
+ULS with the Poisson-Gaussian PLD over its rounds, ELS with the Binomial(k, q)
+mixture PLD over its steps. The result is one table, a comparison directory with both
+run directories, `compare.json` and `compare.png` (eval loss vs compute spent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fedsim.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    budget: float  # per-example gradient evaluations each method may spend
+    uls_rounds: int
+    uls_per_round: float  # expected: q_users * sum_u used(u)
+    els_steps: int
+    els_batch: float  # expected examples per ELS step
+
+    @property
+    def uls_expected(self) -> float:
+        return self.uls_rounds * self.uls_per_round
+
+    @property
+    def els_expected(self) -> float:
+        return self.els_steps * self.els_batch
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "uls_expected": self.uls_expected, "els_expected": self.els_expected}
+
+
+def uls_user_compute(num_examples: int, uls) -> int:
+    """Example-gradient evaluations of one ULS user with `num_examples` training examples:
+    what `training.local.train_user` does (cap, then epochs or a fixed number of batches)."""
+    c = num_examples if uls.max_examples_per_user is None else min(num_examples, uls.max_examples_per_user)
+    if c == 0:
+        return 0
+    if uls.local_steps is None:
+        return uls.local_epochs * c
+    per_pass = -(-c // uls.batch_size)  # batches per pass; all but the last are full
+    full, rest = divmod(uls.local_steps, per_pass)
+    return full * c + min(rest * uls.batch_size, c)
+
+
+def matched_compute(budget: float | None, uls_per_round: float, planned_rounds: int, els_batch: float) -> ComputePlan:
+    """The arithmetic of matched compute (separate from any store, for tests)."""
+    if uls_per_round <= 0:
+        raise ConfigError("ULS would compute nothing per round (no training examples)")
+    if els_batch <= 0:
+        raise ConfigError(f"els.expected_batch must be positive, got {els_batch!r}")
+    budget = float(budget) if budget is not None else planned_rounds * uls_per_round
+    rounds = max(1, round(budget / uls_per_round))
+    steps = max(1, round(budget / els_batch))
+    return ComputePlan(budget, rounds, uls_per_round, steps, float(els_batch))
+
+
+def plan_compute(cfg, store) -> ComputePlan:
+    from fedsim.uls import sampling_rate
+
+    q = sampling_rate(cfg, store.num_users)
+    per_round = q * sum(uls_user_compute(len(store.train_examples(u)), cfg.uls) for u in range(store.num_users))
+    return matched_compute(cfg.compare.budget, per_round, cfg.run.rounds, cfg.els.expected_batch)
+
+
+def _curve(run_dir: Path) -> list[tuple[float, float]]:
+    from fedsim.rundir import read_metrics
+
+    return [(float(r.get("compute", 0)), float(r["eval_loss"])) for r in read_metrics(run_dir) if r.get("eval_loss") is not None]
+
+
+def plot_curves(path: Path, curves: dict[str, list[tuple[float, float]]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in curves.items():
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("compute spent (per-example gradient evaluations)")
+    ax.set_ylabel("eval loss (held-out users)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(uls: dict, els: dict, cp: ComputePlan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"ULS vs ELS at matched (epsilon, delta) and compute (budget {cp.budget:,.0f} example gradients)")
+    for col in ("method", "epsilon (target)", "delta", "sigma", "shape", "compute (planned)", "eval loss before -> after",
+                "perplexity after", "wall time"):
+        t.add_column(col)
+    for s in (uls, els):
+        sigma = s.get("noise_multiplier")
+        shape = (f"{s['rounds']} rounds x {s['expected_cohort']:.0f} users" if s["method"] == "ULS"
+                 else f"{s['steps']} steps x {s['expected_batch']:g} ex, k={s['k']}")
+        planned = cp.uls_expected if s["method"] == "ULS" else cp.els_expected
+        eps = s["epsilon"]
+        t.add_row(s["method"], f"{eps:.4g} ({s.get('target_epsilon')})" if isinstance(eps, float) else str(eps),
+                  f"{s['delta']:.3g}", f"{sigma:.4g}" if isinstance(sigma, (int, float)) else str(sigma), shape,
+                  f"{s['compute_examples']:,} ({planned:,.0f})",
+                  f"{s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f}", f"{s['eval_perplexity_after']:.3f}",
+                  f"{s['wall_time_s']:.1f}s")
+    Console().print(t)
+    g = els.get("group_privacy_epsilon")
+    if g is not None:
+        print(f"ELS user-level epsilon: tight (mixture PLD) {els['epsilon']:.4g} vs group privacy {g:.4g}"
+              f" (k={els['k']}, same sigma and delta)")
+
+
+def run_compare(cfg, say=print) -> tuple[Path, dict]:
+    from fedsim.data import build_store
+    from fedsim.els import plan_els, run_els
+    from fedsim.rundir import RunWriter, create_run_dir
+    from fedsim.simulate import run_uls
+    from fedsim.uls import plan_uls
+
+    t0 = time.time()
+    if cfg.dp.noise_multiplier is not None:  # each method gets its own sigma for the shared budget
+        say(f"note: dp.noise_multiplier={cfg.dp.noise_multiplier:g} is ignored; both methods are calibrated to dp.epsilon")
+        cfg = cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"noise_multiplier": None})})
+    store = build_store(cfg.data)
+    cp = plan_compute(cfg, store)
+    # the comparison directory; each method gets a run directory inside it
+    base = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": cfg.compare.name})})
+    out = create_run_dir(base)
+    uls_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"rounds": cp.uls_rounds, "output_dir": str(out),
+                                                                        "name": "uls"})})
+    els_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(out), "name": "els"}),
+                                     "els": cfg.els.model_copy(update={"steps": cp.els_steps})})
+    # plan both before training anything: bad inputs fail here, not after the ULS run
+    uls_plan = plan_uls(uls_cfg, store.num_users)
+    say(f"compute budget {cp.budget:,.0f} example gradients: ULS {cp.uls_rounds} rounds x {cp.uls_per_round:.1f}"
+        f" expected per round; ELS {cp.els_steps} steps x {cp.els_batch:g} expected per step")
+    els_plan = plan_els(els_cfg, store, steps=cp.els_steps)
+    say(f"ULS sigma={getattr(uls_plan.mechanism, 'noise_multiplier', None)}; ELS sigma={els_plan.mechanism.noise_multiplier:.4g}"
+        f" (user-level epsilon {els_plan.planned_epsilon:.4g}, group-privacy bound {els_plan.group_epsilon})")
+    # ULS (Flower), then ELS (centralized); evaluations at the same compute fractions
+    uls_dir, uls = run_uls(uls_cfg, say=say)
+    els_every = max(1, round(cp.els_steps * cfg.run.eval_every / cp.uls_rounds))
+    els_dir, els = run_els(els_cfg, say=say, plan=els_plan, eval_every=els_every)
+    # results: table, compare.json, plot
+    curves = {"ULS": _curve(uls_dir), "ELS": _curve(els_dir)}
+    plot_curves(out / "compare.png", curves, f"epsilon={cfg.dp.epsilon}, delta={els['delta']:.3g},"
+                f" budget {cp.budget:,.0f} example gradients")
+    better = "ULS" if uls["eval_loss_after"] < els["eval_loss_after"] else "ELS"
+    result = {
+        "budget": cp.budget, "compute_plan": cp.as_dict(), "epsilon_target": cfg.dp.epsilon, "delta": els["delta"],
+        "lower_eval_loss": better, "eval_loss_gap_els_minus_uls": els["eval_loss_after"] - uls["eval_loss_after"],
+        "uls_dir": str(uls_dir), "els_dir": str(els_dir), "plot": str(out / "compare.png"),
+        "curves": {k: [list(p) for p in v] for k, v in curves.items()}, "uls": uls, "els": els,
+        "wall_time_s": time.time() - t0,
+    }
+    RunWriter(out).write_json("compare.json", result)
+    print_table(uls, els, cp)
+    return out, result
+
+
+def main(argv: list[str]) -> int:
+    from fedsim.config import load_config
+
+    p = argparse.ArgumentParser(prog="fedsim compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", nargs="?", default="configs/default.yaml", help="experiment YAML (default: configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set compare.budget=5000 (repeatable)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.dp.epsilon is None or not math.isfinite(cfg.dp.epsilon):
+        raise ConfigError("compare needs a privacy budget: set dp.epsilon")
+    out, result = run_compare(cfg)
+    print(f"comparison directory: {out} (compare.json, compare.png, uls/, els/); wall time {result['wall_time_s']:.1f}s")
+    for s in (result["uls"], result["els"]):
+        if not str(s.get("stop_reason", "")).startswith("completed"):
+            print(f"note ({s['method']}): {s['stop_reason']}")
+    return 0
+
