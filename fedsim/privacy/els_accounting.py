@@ -242,7 +242,8 @@ def group_privacy_epsilon(noise_multiplier: float, k: int, q: float, steps: int,
     delta0 with k e^{(k-1) eps0(delta0)} delta0 <= delta (eps0 falls as delta0 grows, so
     the largest feasible delta0 gives the smallest user epsilon): a descending log grid,
     then bisection between the first feasible point and the infeasible one above it.
-    Any feasible delta0 gives a valid bound; the search only makes it small.
+    Any feasible delta0 gives a valid bound; the search only makes it small. When no
+    delta0 down to ~1e-32 delta / k is feasible the bound is reported as infinite.
     """
     check_group_size(k)
     check_delta(delta)
@@ -262,8 +263,8 @@ def group_privacy_epsilon(noise_multiplier: float, k: int, q: float, steps: int,
             feasible = d0
             break
         above, d0 = d0, d0 / 1.2
-    if feasible is None:
-        raise ConfigError(f"group privacy gives no finite bound for k={k} at delta={delta:g}")
+    if feasible is None:  # e^{(k-1) eps0} outgrows every delta0 the PLD resolves: no finite bound
+        return GroupPrivacyBound(epsilon=math.inf, delta=delta, example_epsilon=math.inf, example_delta=0.0, k=k)
     if above is not None:
         lo, up = feasible, above
         for _ in range(40):

@@ -7,7 +7,7 @@ random variable (PRV) is Y = log(P(o)/Q(o)) with o ~ P. Composition adds indepen
 PRVs, so the PRV of T releases is the T-fold convolution, computed by FFT on a
 truncated, discretised domain. Then
 
-    delta(eps) = E[(1 - e^(eps - Y))_+]                                   (Def. 2.3 / Prop. 2.4)
+    delta(eps) = E[(1 - e^(eps - Y))_+]
 
 and Theorem 5.5 of the paper chooses the mesh size from ``eps_error`` and
 ``delta_error`` so that the library's ``compute_epsilon`` returns a triple
@@ -142,9 +142,9 @@ class _PoissonSubsampledGaussianAdd:
 
     def rdp(self, alpha: float) -> float:
         # Only used by the library to size the truncated domain (via RDP tail bounds).
-        # Mironov, Talwar & Zhang 2019 (arXiv 1908.10530, Sec. 3.3) show the Renyi
-        # divergence of the subsampled Gaussian is larger in the remove direction, so
-        # the remove-direction RDP is a valid (conservative) bound here too.
+        # Mironov, Talwar & Zhang 2019 (arXiv 1908.10530) show the Renyi divergence of
+        # the subsampled Gaussian is larger in the remove direction, so the
+        # remove-direction RDP is a valid (conservative) bound here too.
         return _sgm_rdp(self.q, self.sigma, float(alpha))
 
 
