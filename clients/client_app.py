@@ -3,12 +3,37 @@ sum of their individually clipped deltas (one user per node, or a list in scale 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim.workers import get_worker
+
+
+def inject_fault(faults, server_round: int, users: list[int]) -> str | None:
+    """Which fault (if any) this message suffers: seeded by (fault seed, round, first user)."""
+    rates = [("raise", faults.raise_rate), ("nan", faults.nan_rate), ("shape", faults.shape_rate), ("kill", faults.kill_rate)]
+    if not any(r for _, r in rates):
+        return None
+    u = float(np.random.default_rng([faults.seed, server_round, users[0] if users else -1]).random())
+    acc = 0.0
+    for kind, rate in rates:
+        acc += rate
+        if u < acc:
+            return kind
+    return None
+
+
+def _in_ray_worker() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # no Ray, or not inside it
+        return False
 
 
 def handle_train(worker, content: RecordDict) -> RecordDict:
@@ -18,8 +43,18 @@ def handle_train(worker, content: RecordDict) -> RecordDict:
     cfg = content["config"]
     users = [int(u) for u in cfg["user-ids"]]
     server_round = int(cfg["server-round"])
+    # fault injection (tests, demos): a failing client, a NaN or mis-shaped reply, a dying worker
+    fault = inject_fault(worker.cfg.simulation.faults, server_round, users)
+    if fault == "raise":
+        raise RuntimeError(f"injected client failure (round {server_round}, users {users[:3]})")
+    if fault == "kill" and _in_ray_worker():  # only ever kill a Ray worker process, never the server
+        os._exit(17)
     # train each user, clip each delta, sum
     res = worker.train_users(users, global_flat, server_round)
+    if fault == "nan":
+        res.delta_sum[0] = float("nan")
+    elif fault == "shape":
+        res.delta_sum = res.delta_sum[:-1]
     # reply: the clipped sum and counts (never a single unclipped delta)
     return RecordDict({
         "arrays": ArrayRecord({"delta-sum": Array(res.delta_sum.detach().cpu().numpy().astype(np.float32))}),

@@ -33,15 +33,20 @@ def _print_summary_table(summaries: list[dict]) -> None:
             f"{s['eval_loss_before']:.4f}", f"{s['eval_loss_after']:.4f}", f"{s['eval_perplexity_after']:.3f}",
             f"{s['wall_time_s']:.1f}s",
         )
-    Console().print(t)
+    Console(width=max(120, Console().width)).print(t)
 
 
 def cmd_run(args) -> int:
     from fedsim.config import load_config
     from fedsim.simulate import run_uls
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir, summary = run_uls(cfg)
+    if args.resume:
+        from fedsim.simulate import resume_uls
+
+        run_dir, summary = resume_uls(args.resume)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        run_dir, summary = run_uls(cfg)
     _print_summary_table([summary])
     print(f"run directory: {run_dir}")
     if summary["stop_reason"] != "completed planned rounds":
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run an experiment (ULS on Flower)")
     _add_config_args(p_run)
+    p_run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p_data = sub.add_parser("data", help="inspect the user store of a config")
     p_data.add_argument("what", choices=["stats"])
     _add_config_args(p_data)

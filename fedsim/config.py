@@ -110,10 +110,21 @@ class DpConfig(_Strict):
     delta: float | None = Field(None, gt=0, lt=1)  # None: 1 / N^1.1 for N users
     clip_norm: float = Field(1.0, gt=0)  # per-user L2 clipping norm C of the model delta
     noise_multiplier: float | None = Field(None, ge=0)  # set to skip calibration (0: no noise, epsilon = inf)
-    accountant: Literal["pld", "rdp", "prv", "edgeworth"] = "pld"  # the accountant that reports epsilon
+    accountant: Literal["pld", "rdp", "prv", "edgeworth", "lmo_faithful"] = "pld"  # the accountant that reports epsilon
     mechanism: Literal["gaussian", "lmo"] = "gaussian"
     lmo: dict[str, Any] | None = None  # lmo: parameters, or {"search": path-to-search-result.json}
     reproducible: bool = False  # seed the noise from run.seed (tests only); default: OS entropy
+
+
+class FaultConfig(_Strict):
+    """Fault injection for tests and demos: each Flower message fails with these rates."""
+
+    raise_rate: float = Field(0.0, ge=0, le=1)  # the client raises (Flower error reply)
+    nan_rate: float = Field(0.0, ge=0, le=1)  # the client returns a NaN delta sum
+    shape_rate: float = Field(0.0, ge=0, le=1)  # the client returns a wrongly shaped array
+    kill_rate: float = Field(0.0, ge=0, le=1)  # the worker process dies (only inside a Ray actor)
+    server_crash_round: int | None = Field(None, ge=1)  # the server SIGKILLs itself right after recording this round's release
+    seed: int = 0
 
 
 class SimulationConfig(_Strict):
@@ -124,6 +135,7 @@ class SimulationConfig(_Strict):
     ray_address: str | None = None  # join an existing Ray cluster ("auto" or "ray://host:10001")
     timeout: float = Field(600.0, gt=0)  # seconds to wait for a round's replies
     verbose: bool = False  # Flower / Ray logs on the console
+    faults: FaultConfig = FaultConfig()
 
 
 class RunConfig(_Strict):
@@ -134,6 +146,7 @@ class RunConfig(_Strict):
     eval_every: int = Field(5, ge=1)
     eval_examples: int = Field(512, ge=1)  # held-out examples used for evaluation (fixed seeded subset)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    checkpoint_every: int = Field(0, ge=0)  # write an atomic checkpoint every N rounds (0: never); `fedsim run --resume DIR`
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per process (None: 1, best for small per-user batches)
 
 

@@ -64,8 +64,20 @@ def _quiet_logs(verbose: bool) -> None:
         os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
 
 
-def run_uls(cfg, say=print) -> tuple[Path, dict]:
-    """Run a ULS experiment; returns (run directory, summary)."""
+def resume_uls(run_dir: str | Path, say=print) -> tuple[Path, dict]:
+    """Continue a ULS run from its last checkpoint, with the config it was started with."""
+    from fedsim.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FedsimError(f"{run_dir} is not a fedsim run directory (no config.yaml)")
+    if (run_dir / "summary.json").is_file():
+        raise FedsimError(f"{run_dir} already finished (summary.json exists); nothing to resume")
+    return run_uls(load_config(run_dir / "config.yaml"), say, resume_dir=run_dir)
+
+
+def run_uls(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, dict]:
+    """Run a ULS experiment (or resume one in `resume_dir`); returns (run directory, summary)."""
     from fedsim.data import build_store
     from fedsim.models.causal_lm import check_model_source
     from fedsim.rundir import create_run_dir
@@ -74,11 +86,23 @@ def run_uls(cfg, say=print) -> tuple[Path, dict]:
     # fail on bad input before any process is started or file written
     store = build_store(cfg.data)
     check_model_source(cfg)
-    plan = plan_uls(cfg, store.num_users)
+    if cfg.dp.mechanism == "gaussian":
+        plan = plan_uls(cfg, store.num_users)
+    else:  # LMO parameters are searched/checked by the server with the model's dimension
+        from fedsim.uls import resolve_delta, sampling_rate
+
+        sampling_rate(cfg, store.num_users)
+        resolve_delta(cfg, store.num_users)
     if cfg.dp.mechanism == "gaussian" and cfg.dp.noise_multiplier is None:
         # record the calibrated sigma in the resolved config; the target epsilon stays the budget
         cfg = cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"noise_multiplier": plan.mechanism.noise_multiplier})})
-    run_dir = create_run_dir(cfg)
+    if resume_dir is not None:
+        from fedsim.checkpoint import load_checkpoint
+
+        load_checkpoint(resume_dir)  # a missing or corrupt checkpoint fails here, before Ray starts
+        run_dir = Path(resume_dir)
+    else:
+        run_dir = create_run_dir(cfg)
     say(f"run directory: {run_dir}")
     # One intra-op thread unless asked: the tiny per-user batches gain nothing from more, and
     # OpenMP threads spinning beside Ray actors (which Ray pins to 1 thread) slowed rounds ~50x.
@@ -89,7 +113,7 @@ def run_uls(cfg, say=print) -> tuple[Path, dict]:
     if cfg.simulation.backend == "inprocess":
         from server.server_app import run_server
 
-        return run_dir, run_server(InProcessGrid(cfg, nodes), cfg, run_dir, say)
+        return run_dir, run_server(InProcessGrid(cfg, nodes), cfg, run_dir, say, resume=resume_dir is not None)
 
     from flwr.simulation import run_simulation
 
@@ -106,7 +130,7 @@ def run_uls(cfg, say=print) -> tuple[Path, dict]:
     if cfg.simulation.ray_address:
         backend_config["init_args"]["address"] = cfg.simulation.ray_address
     run_simulation(
-        server_app=make_server_app(cfg, run_dir, outcome),
+        server_app=make_server_app(cfg, run_dir, outcome, resume=resume_dir is not None),
         client_app=make_client_app(cfg),
         num_supernodes=nodes,
         backend_config=backend_config,

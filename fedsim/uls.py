@@ -24,6 +24,7 @@ class UlsPlan:
     target_epsilon: float | None  # None: non-private run
     planned_epsilon: float  # epsilon after all planned rounds under the run's accountant
     warnings: list[str]
+    accountant: str = "pld"  # the accountant that reports epsilon and guards the budget
 
 
 def default_delta(num_users: int) -> float:
@@ -46,26 +47,30 @@ def sampling_rate(cfg, num_users: int) -> float:
     return q
 
 
-def plan_uls(cfg, num_users: int) -> UlsPlan:
+def plan_uls(cfg, num_users: int, dimension: int | None = None) -> UlsPlan:
+    """q, delta and the calibrated mechanism. `dimension` (trainable weights) tightens LMO
+    accounting; None is always safe (a dimension-free bound)."""
     q = sampling_rate(cfg, num_users)
     delta, warnings = resolve_delta(cfg, num_users)
     dp, rounds = cfg.dp, cfg.run.rounds
     if dp.mechanism == "lmo":
         from fedsim.privacy.lmo_wiring import plan_lmo  # noqa: PLC0415
 
-        return plan_lmo(cfg, num_users, q, delta, warnings)
+        return plan_lmo(cfg, num_users, q, delta, warnings, dimension)
     if dp.noise_multiplier is not None:
         sigma = dp.noise_multiplier
         if sigma == 0:
-            return UlsPlan(num_users, q, delta, rounds, GaussianMechanism(dp.clip_norm, 0.0), None, math.inf, warnings)
+            return UlsPlan(num_users, q, delta, rounds, GaussianMechanism(dp.clip_norm, 0.0), None, math.inf, warnings,
+                           dp.accountant)
         eps = compute_epsilon(poisson_gaussian_event(q, sigma, rounds), delta, dp.accountant)
         if dp.epsilon is not None and eps > dp.epsilon:
             raise ConfigError(f"dp.noise_multiplier={sigma:g} gives epsilon={eps:.4g} over {rounds} rounds,"
                               f" above dp.epsilon={dp.epsilon:g}; raise the noise or leave it unset to calibrate")
         target = dp.epsilon if dp.epsilon is not None else eps
-        return UlsPlan(num_users, q, delta, rounds, GaussianMechanism(dp.clip_norm, sigma), target, eps, warnings)
+        return UlsPlan(num_users, q, delta, rounds, GaussianMechanism(dp.clip_norm, sigma), target, eps, warnings, dp.accountant)
     if dp.epsilon is None:
         raise ConfigError("set dp.epsilon (a budget) or dp.noise_multiplier (0 for a non-private run)")
     sigma = calibrate_gaussian_noise_multiplier(q, rounds, dp.epsilon, delta, dp.accountant)
     eps = compute_epsilon(poisson_gaussian_event(q, sigma, rounds), delta, dp.accountant)
-    return UlsPlan(num_users, q, delta, rounds, GaussianMechanism(dp.clip_norm, sigma), dp.epsilon, eps, warnings)
+    return UlsPlan(num_users, q, delta, rounds, GaussianMechanism(dp.clip_norm, sigma), dp.epsilon, eps, warnings,
+                   dp.accountant)

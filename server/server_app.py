@@ -3,6 +3,7 @@ rounds, evaluates centrally on held-out examples, and writes the run directory."
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -13,6 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim.checkpoint import load_checkpoint, save_checkpoint
 from fedsim.data import build_store, eval_examples
 from fedsim.errors import BudgetExceededError
 from fedsim.models import build_task
@@ -21,7 +23,7 @@ from fedsim.privacy.budget import PrivacyBudget
 from fedsim.privacy.ledger import PrivacyLedger
 from fedsim.privacy.mechanisms import make_noise_generator
 from fedsim.progress import RoundProgress
-from fedsim.rundir import RunWriter
+from fedsim.rundir import RunWriter, atomic_write_text
 from fedsim.sampling import PoissonUserSampler
 from fedsim.training.server_opt import ServerOptimizer
 from fedsim.uls import plan_uls
@@ -30,37 +32,72 @@ from strategies.dp_fedavg import DPFedAvg
 log = logging.getLogger("fedsim")
 
 
-def run_server(grid: Grid, cfg, run_dir: Path, say=print) -> dict:
+def _split_metrics_for_resume(run_dir: Path, step: int) -> None:
+    """Keep metrics rows up to the checkpoint; move later rows (a crashed timeline) aside, never delete."""
+    p = run_dir / "metrics.jsonl"
+    if not p.exists():
+        return
+    keep, later = [], []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            (keep if json.loads(line).get("round", 0) <= step else later).append(line)
+    if later:
+        with open(run_dir / "metrics.crashed.jsonl", "a", encoding="utf-8") as fh:
+            fh.write("\n".join(later) + "\n")
+    atomic_write_text(p, "\n".join(keep) + ("\n" if keep else ""))
+
+
+def run_server(grid: Grid, cfg, run_dir: Path, say=print, resume: bool = False) -> dict:
     t_start = time.time()
     writer = RunWriter(run_dir)
+    ckpt = load_checkpoint(run_dir) if resume else None
     # users, model, held-out data
     store = build_store(cfg.data)
     task = build_task(cfg, store, log=say)
     evalset = eval_examples(store, cfg.run.eval_examples, cfg.run.seed)
     # privacy plan: q, delta, calibrated mechanism
-    plan = plan_uls(cfg, store.num_users)
+    plan = plan_uls(cfg, store.num_users, dimension=task.flat.numel)
     for w in plan.warnings:
         say(f"warning: {w}")
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
-    budget = PrivacyBudget(ledger, make_accountant(cfg.dp.accountant), plan.delta, plan.target_epsilon)
+    budget = PrivacyBudget(ledger, make_accountant(plan.accountant), plan.delta, plan.target_epsilon)
     noise_gen, noise_source = make_noise_generator("cpu", cfg.run.seed + 7919 if cfg.dp.reproducible else None)
     w = task.flat.get().cpu()
+    sampler = PoissonUserSampler(store.num_users, plan.q, seed=cfg.run.seed)
+    server_opt = ServerOptimizer(w, cfg.uls.server_optimizer, cfg.uls.server_lr, cfg.uls.server_momentum)
+    start_round, compute = 1, 0
+    if ckpt is not None:
+        # restore weights, server optimizer, sampler and (reproducible mode only) noise RNG
+        w = ckpt["weights"].clone()
+        server_opt = ServerOptimizer(w, cfg.uls.server_optimizer, cfg.uls.server_lr, cfg.uls.server_momentum)
+        server_opt.load_state_dict(ckpt["optimizer_state"])
+        sampler.set_state(ckpt["sampler_state"])
+        if ckpt["noise_state"] is not None and cfg.dp.reproducible:
+            noise_gen.set_state(ckpt["noise_state"])
+        start_round, compute = ckpt["step"] + 1, int(ckpt.get("compute", 0))
+        _split_metrics_for_resume(run_dir, ckpt["step"])
+        say(f"resuming after round {ckpt['step']} ({len(ledger)} releases in the ledger)")
     strategy = DPFedAvg(
         num_users=store.num_users, sampling_rate=plan.q, mechanism=plan.mechanism,
-        server_optimizer=ServerOptimizer(w, cfg.uls.server_optimizer, cfg.uls.server_lr, cfg.uls.server_momentum),
-        budget=budget, sampler=PoissonUserSampler(store.num_users, plan.q, seed=cfg.run.seed),
+        server_optimizer=server_opt, budget=budget, sampler=sampler,
         noise_generator=noise_gen, users_per_client=cfg.uls.users_per_client,
+        replay_identical=ckpt is not None and cfg.dp.reproducible and ckpt["noise_state"] is not None,
+        crash_after_record_round=None if ckpt is not None else cfg.simulation.faults.server_crash_round,
     )
     say(f"ULS: {store.num_users} users, q={plan.q:.4g} (expected cohort {plan.q * store.num_users:.1f}),"
         f" {cfg.run.rounds} rounds, {task.flat.numel:,} trainable weights, {plan.mechanism.describe()},"
-        f" target epsilon={plan.target_epsilon}, delta={plan.delta:.3g} ({cfg.dp.accountant})")
-    before = task.evaluate(evalset)
-    writer.append_metrics({"round": 0, "eval_loss": before["loss"], "eval_perplexity": before["perplexity"], "epsilon": 0.0})
-    stop_reason, rounds_done, compute = "completed planned rounds", 0, 0
+        f" target epsilon={plan.target_epsilon}, delta={plan.delta:.3g} ({plan.accountant})")
+    if ckpt is None:
+        before = task.evaluate(evalset)
+        writer.append_metrics({"round": 0, "eval_loss": before["loss"], "eval_perplexity": before["perplexity"], "epsilon": 0.0})
+    else:
+        first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+        before = {"loss": first["eval_loss"], "perplexity": first["eval_perplexity"]}
+    stop_reason, rounds_done = "completed planned rounds", start_round - 1
     after = before
     progress = RoundProgress(cfg.run.rounds, enabled=not cfg.simulation.verbose)
     with progress:
-        for rnd in range(1, cfg.run.rounds + 1):
+        for rnd in range(start_round, cfg.run.rounds + 1):
             t0 = time.time()
             # sample the cohort and send the global weights (the budget guard may stop here)
             try:
@@ -85,6 +122,12 @@ def run_server(grid: Grid, cfg, run_dir: Path, say=print) -> dict:
             row["time"] = time.time() - t0
             writer.append_metrics(row)
             rounds_done = rnd
+            # atomic checkpoint (weights, optimizer, sampler; noise RNG only when reproducible)
+            if cfg.run.checkpoint_every and rnd % cfg.run.checkpoint_every == 0:
+                save_checkpoint(run_dir, step=rnd, weights=w, optimizer_state=server_opt.state_dict(),
+                                sampler_state=sampler.state(),
+                                noise_state=noise_gen.get_state() if cfg.dp.reproducible else None,
+                                extra={"compute": compute})
             progress.update(rnd, row.get("epsilon", float("nan")), row.get("eval_loss"))
     task.flat.set(w)
     after = task.evaluate(evalset)
@@ -94,7 +137,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, say=print) -> dict:
     summary = {
         "method": "ULS", "rounds": rounds_done, "planned_rounds": cfg.run.rounds, "stop_reason": stop_reason,
         "num_users": store.num_users, "q": plan.q, "expected_cohort": plan.q * store.num_users,
-        "epsilon": eps, "target_epsilon": plan.target_epsilon, "delta": plan.delta, "accountant": cfg.dp.accountant,
+        "epsilon": eps, "target_epsilon": plan.target_epsilon, "delta": plan.delta, "accountant": plan.accountant,
         "mechanism": plan.mechanism.describe(), "noise_multiplier": getattr(plan.mechanism, "noise_multiplier", None),
         "noise_source": noise_source, "trust_model": "central DP: a trusted server sees per-user clipped deltas",
         "eval_loss_before": before["loss"], "eval_perplexity_before": before["perplexity"],
@@ -106,14 +149,14 @@ def run_server(grid: Grid, cfg, run_dir: Path, say=print) -> dict:
     return summary
 
 
-def make_server_app(cfg, run_dir: Path, outcome: dict) -> ServerApp:
+def make_server_app(cfg, run_dir: Path, outcome: dict, resume: bool = False) -> ServerApp:
     """A ServerApp bound to a config and run directory; `outcome` receives the summary or the error."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome["summary"] = run_server(grid, cfg, run_dir)
+            outcome["summary"] = run_server(grid, cfg, run_dir, resume=resume)
         except BaseException as exc:  # surfaced by fedsim.simulate after Flower returns
             outcome["error"] = exc
 

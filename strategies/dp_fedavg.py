@@ -62,6 +62,8 @@ class DPFedAvg(Strategy):
         sampler: PoissonUserSampler,
         noise_generator: torch.Generator,
         users_per_client: int = 1,
+        replay_identical: bool = False,
+        crash_after_record_round: int | None = None,
     ):
         if not 0 < sampling_rate <= 1:
             raise ValueError("The sampling rate should be in (0, 1].")
@@ -70,6 +72,8 @@ class DPFedAvg(Strategy):
         self.mechanism, self.server_opt, self.budget = mechanism, server_optimizer, budget
         self.sampler, self.noise_gen = sampler, noise_generator
         self.users_per_client = users_per_client
+        self.replay_identical = replay_identical  # reproducible resume: re-done rounds are identical releases
+        self.crash_round = crash_after_record_round  # fault injection: the worst moment to die
         self.round_event = dp_event.PoissonSampledDpEvent(sampling_rate, mechanism.dp_event())
         self._round: dict = {}
 
@@ -79,7 +83,10 @@ class DPFedAvg(Strategy):
 
     # -- training ------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        eps_after = self.budget.check(self.round_event)  # raises BudgetExceededError: never overspend
+        if self.replay_identical and self.budget.ledger.has(server_round, self.round_event):
+            eps_after = self.budget.spent()  # re-doing an identical, already counted release
+        else:
+            eps_after = self.budget.check(self.round_event)  # raises BudgetExceededError: never overspend
         cohort = self.sampler.sample()
         node_ids = sorted(grid.get_node_ids())
         groups = assign_users_to_nodes(cohort, node_ids, self.users_per_client)
@@ -131,7 +138,13 @@ class DPFedAvg(Strategy):
             clipped += int(met.get("num-clipped", 0))
             failed_users += int(met.get("num-failed", 0))
         # record the release before the noise exists: a crash after this line is counted
-        self.budget.ledger.record(server_round, self.round_event, cohort=self._round.get("cohort", users))
+        self.budget.ledger.record(server_round, self.round_event, replay_identical=self.replay_identical,
+                                  cohort=self._round.get("cohort", users))
+        if self.crash_round == server_round:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         noisy, noise_metrics = self.mechanism.add_noise(total, self.noise_gen)
         avg = noisy / self.expected_cohort
         new = self.server_opt.step(avg)

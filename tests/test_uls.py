@@ -129,3 +129,20 @@ def test_budget_stops_a_run_that_would_overspend(tmp_path):
     cfg3 = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "run.rounds=6", f"dp.noise_multiplier={sigma}"])
     with pytest.raises(ConfigError, match="above dp.epsilon"):
         run_uls(cfg3, say=lambda *_: None)
+
+
+def test_uls_run_with_lmo_noise_uses_the_faithful_accountant(tmp_path):
+    from fedsim.config import load_config
+    from fedsim.privacy.lmo import LmoParams, faithful_epsilon
+
+    lmo = {"a1": 0.0, "a3": 0.0, "a4": 1.0, "G_k": 1.0, "G_theta": 1.0, "E_lambda": 1.0, "U_a": 0.9, "U_b": 1.0}
+    cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "dp.mechanism=lmo", "dp.epsilon=null",
+                                              f"dp.lmo={json.dumps(lmo)}"])
+    run_dir, s = run_uls(cfg, say=lambda *_: None)
+    assert s["accountant"] == "lmo_faithful" and s["mechanism"]["mechanism"] == "lmo"
+    ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
+    assert len(ledger) == 3 and ledger.entries[0]["event"]["event"]["type"] == "LmoDpEvent"
+    d = s["trainable_weights"]
+    expected = faithful_epsilon(LmoParams.from_dict(lmo), q=s["q"], steps=3, delta=s["delta"], dimension=d)
+    assert s["epsilon"] == pytest.approx(expected, rel=1e-6)
+    assert make_accountant("lmo_faithful").epsilon(ledger.total_event(), s["delta"]) == pytest.approx(s["epsilon"])

@@ -188,7 +188,7 @@ def _load_optional_backends() -> None:
     # Imported lazily: they register themselves. Missing modules are simply absent.
     import importlib
 
-    for mod in ("fedsim.privacy.prv", "fedsim.privacy.edgeworth"):
+    for mod in ("fedsim.privacy.prv", "fedsim.privacy.edgeworth", "fedsim.privacy.lmo"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:  # only tolerate the module itself missing

@@ -104,14 +104,29 @@ class PrivacyLedger:
                     raise FedsimError(f"{path}:{lineno}: corrupt ledger line ({exc.msg})") from None
         return entries
 
-    def record(self, step: int, event: dp_event.DpEvent, **info) -> None:
-        entry = {"step": int(step), "event": event_to_dict(event), **info}
+    def record(self, step: int, event: dp_event.DpEvent, *, replay_identical: bool = False, **info) -> bool:
+        """Append a release; returns False when it was not appended.
+
+        `replay_identical=True` says the caller re-draws exactly the randomness of an
+        earlier attempt at this step (reproducible mode after a resume): the release is
+        then bit-identical to the one already recorded and costs no further privacy.
+        In every other case a re-done step is recorded again (counted twice: conservative).
+        """
+        if replay_identical and self.has(step, event):
+            return False
+        ev = event_to_dict(event)
+        entry = {"step": int(step), "event": ev, **info}
         self.entries.append(entry)
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
+        return True
+
+    def has(self, step: int, event: dp_event.DpEvent) -> bool:
+        ev = event_to_dict(event)
+        return any(e["step"] == int(step) and e["event"] == ev for e in self.entries)
 
     def events(self) -> list[dp_event.DpEvent]:
         return [event_from_dict(e["event"]) for e in self.entries]

@@ -1,0 +1,106 @@
+"""Atomic checkpoints: tensors in safetensors, everything else in JSON. Never pickle.
+
+Layout in a run directory:
+  checkpoint-r{round}.safetensors  trainable weights, optimizer tensors, (reproducible mode) noise RNG state
+  checkpoint.json                  round, sampler RNG state, optimizer hyper-parameters, tensor file name + sha256
+
+The tensor file is written first (temp file + rename) under a new name, then the JSON
+pointer is replaced atomically, then older tensor files are removed: a crash at any
+point leaves a JSON that points to a complete tensor file. A pointer whose tensor file
+is missing or has the wrong hash is a corrupt checkpoint (FedsimError naming the file).
+
+The noise generator state is written only in reproducible mode: with OS-entropy noise,
+whoever holds the state could regenerate and subtract the noise from released models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fedsim.errors import FedsimError
+from fedsim.rundir import atomic_write_text
+
+POINTER = "checkpoint.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, st in state["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous()
+                meta["state"][str(pid)][k] = {"tensor": f"opt.{pid}.{k}"}
+            else:
+                meta["state"][str(pid)][k] = {"value": v}
+    return tensors, meta
+
+
+def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
+    state = {}
+    for pid, st in meta["state"].items():
+        state[int(pid)] = {k: (tensors[v["tensor"]] if "tensor" in v else v["value"]) for k, v in st.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, *, step: int, weights: torch.Tensor, optimizer_state: dict,
+                    sampler_state: dict | None, noise_state: torch.Tensor | None, extra: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    opt_tensors, opt_meta = _split_optimizer_state(optimizer_state)
+    tensors = {"weights": weights.detach().cpu().contiguous(), **opt_tensors}
+    if noise_state is not None:
+        tensors["noise_rng_state"] = noise_state.detach().cpu().contiguous()
+    name = f"checkpoint-r{step}.safetensors"
+    tmp = run_dir / f".{name}.tmp{os.getpid()}"
+    save_file(tensors, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, run_dir / name)
+    pointer = {"step": step, "tensors": name, "sha256": _sha256(run_dir / name), "optimizer": opt_meta,
+               "sampler_state": sampler_state, "has_noise_state": noise_state is not None, **(extra or {})}
+    atomic_write_text(run_dir / POINTER, json.dumps(pointer, indent=1))
+    for old in run_dir.glob("checkpoint-r*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return run_dir / name
+
+
+def load_checkpoint(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    ptr = run_dir / POINTER
+    if not ptr.is_file():
+        raise FedsimError(f"{run_dir} has no checkpoint ({POINTER} missing); set run.checkpoint_every and rerun")
+    try:
+        meta = json.loads(ptr.read_text(encoding="utf-8"))
+        tfile = run_dir / meta["tensors"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise FedsimError(f"{ptr}: corrupt checkpoint pointer ({exc})") from None
+    if not tfile.is_file():
+        raise FedsimError(f"{ptr}: its tensor file {tfile.name} is missing")
+    if _sha256(tfile) != meta.get("sha256"):
+        raise FedsimError(f"{tfile}: corrupt checkpoint (sha256 does not match {POINTER})")
+    try:
+        tensors = load_file(str(tfile))
+    except Exception as exc:  # safetensors raises its own error types
+        raise FedsimError(f"{tfile}: unreadable checkpoint ({exc})") from None
+    meta["weights"] = tensors["weights"]
+    meta["optimizer_state"] = _join_optimizer_state(tensors, meta.pop("optimizer"))
+    meta["noise_state"] = tensors.get("noise_rng_state")
+    return meta
