@@ -146,6 +146,9 @@ def pretrain_on_public(model, tokenizer, texts, cfg, device, log=print) -> None:
     """Adam on random batches of public text (non-private: the data is public)."""
     pc = cfg.model.pretrain
     gen = torch.Generator().manual_seed(cfg.run.seed)
+    # the server pre-trains before any client works: use every core, then restore
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, os.cpu_count() or 1))
     opt = torch.optim.Adam(model.parameters(), lr=pc.lr)
     model.train()
     t0 = time.time()
@@ -163,6 +166,7 @@ def pretrain_on_public(model, tokenizer, texts, cfg, device, log=print) -> None:
         opt.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == pc.steps - 1:
             log(f"pretrain step {step + 1}/{pc.steps} loss {loss.item():.3f} ({time.time() - t0:.1f}s)")
+    torch.set_num_threads(threads)
 
 
 def _atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
