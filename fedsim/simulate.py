@@ -56,9 +56,30 @@ def num_nodes_for(cfg, num_users: int) -> int:
     return max(1, int((os.cpu_count() or 1) // cfg.simulation.num_cpus))
 
 
+class _DropDeprecationNotice(logging.Filter):
+    """fedsim calls `run_simulation` on purpose (`flwr run .` is offered too); its notice is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage()
+
+
 def _quiet_logs(verbose: bool) -> None:
+    import warnings
+
     level = logging.INFO if verbose else logging.WARNING
-    logging.getLogger("flwr").setLevel(level)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(level)
+    for target in [flwr_logger, *flwr_logger.handlers]:
+        target.addFilter(_DropDeprecationNotice())
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+        except ImportError:
+            pass
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:
         os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
@@ -103,6 +124,7 @@ def run_uls(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, dict]
         run_dir = Path(resume_dir)
     else:
         run_dir = create_run_dir(cfg)
+    _quiet_logs(cfg.simulation.verbose)
     say(f"run directory: {run_dir}")
     # One intra-op thread unless asked: the tiny per-user batches gain nothing from more, and
     # OpenMP threads spinning beside Ray actors (which Ray pins to 1 thread) slowed rounds ~50x.
@@ -120,7 +142,6 @@ def run_uls(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, dict]
     from clients.client_app import make_client_app
     from server.server_app import make_server_app
 
-    _quiet_logs(cfg.simulation.verbose)
     outcome: dict = {}
     backend_config = {
         "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
