@@ -35,6 +35,10 @@ class DataConfig(_Strict):
     text_column: str = "text"  # files: the text column
     num_users: int = Field(1000, ge=1)  # synthetic: population size
     seed: int = 0  # data split / synthetic generation seed
+    examples_per_user: int | None = Field(None, ge=1)  # synthetic: every user holds this many (train + test) instead of a power law
+    max_examples: int = Field(1000, ge=1)  # synthetic: cap on a user's power-law example count (min_examples is the floor)
+    max_example_bytes: int = Field(1 << 20, ge=1)  # files: longest text accepted per example, in UTF-8 bytes
+    long_examples: Literal["error", "truncate"] = "error"  # files: a longer text is an error, or cut at max_example_bytes
 
 
 class LoraConfig(_Strict):
@@ -105,6 +109,25 @@ class CompareConfig(_Strict):
     name: str = "compare"  # comparison directory <run.output_dir>/<name>
 
 
+class MeanEstimationConfig(_Strict):
+    """The synthetic mean-estimation study (fedsim/models/mean_estimation.py, bench/mean_estimation_sweep.py)."""
+
+    dim: int = Field(32, ge=1)  # d
+    examples_per_user: int = Field(16, ge=1)  # m (every user); ELS keeps k <= m of them
+    heterogeneities: list[float] = [0.0, 0.9]  # h: share of an example's variance that is between users (swept)
+    seeds: int = Field(3, ge=1)  # replicas averaged per setting
+    epsilons: list[float] = [1.0, 4.0, 16.0]  # user-level budgets (swept)
+    budgets: list[int] = [4000, 32000, 256000]  # per-example gradient evaluations per method (swept)
+    uls_cohorts: list[float] = [50.0, 200.0]  # ULS expected cohorts tried (best kept)
+    uls_examples_per_user: list[int] = [1, 4, 16]  # ULS examples a sampled user trains on, tried (best kept)
+    uls_local_epochs: int = Field(1, ge=1)  # full-batch local GD epochs (local lr 1: one epoch gives the user mean)
+    els_k: list[int] = [1, 4, 16]  # ELS examples per user tried (best kept)
+    els_batches: list[float] = [100.0, 400.0]  # ELS expected batches tried (best kept)
+    lrs: list[float] = [0.1, 0.3, 1.0, 3.0]  # ULS server / ELS learning rates tried (best kept)
+    clip_norms: list[float] = [0.25, 0.5, 1.0]  # clip norms tried, for both methods (best kept)
+    accounting_interval: float = Field(2e-2, gt=0, le=0.1)  # PLD discretisation for the ELS mixture calibrations
+
+
 class DpConfig(_Strict):
     epsilon: float | None = Field(8.0, gt=0)  # target user-level epsilon for the planned rounds (None: non-private)
     delta: float | None = Field(None, gt=0, lt=1)  # None: 1 / N^1.1 for N users
@@ -159,6 +182,7 @@ class ExperimentConfig(_Strict):
     simulation: SimulationConfig = SimulationConfig()
     els: ElsConfig = ElsConfig()
     compare: CompareConfig = CompareConfig()
+    mean_estimation: MeanEstimationConfig = MeanEstimationConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "ExperimentConfig":

@@ -102,3 +102,24 @@ def test_injected_client_faults_are_dropped_counted_and_still_noised(tmp_path):
     import math
 
     assert math.isfinite(s["eval_loss_after"])
+
+
+@pytest.mark.slow
+def test_soak_200_rounds_with_dropped_and_nan_clients(tmp_path):
+    import math
+
+    import torch
+
+    cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "run.rounds=200", "run.eval_every=50",
+                                              "run.checkpoint_every=25", "simulation.faults.raise_rate=0.1",
+                                              "simulation.faults.nan_rate=0.05"])
+    run_dir, s = run_uls(cfg, say=lambda *_: None)
+    assert s["rounds"] == 200
+    w = load_file(str(run_dir / "final_weights.safetensors"))
+    assert all(torch.isfinite(t).all() for t in w.values())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    assert sum(r["dropped_replies"] for r in rows) > 0.1 * sum(r["cohort"] for r in rows)
+    ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
+    assert len(ledger) == 200
+    assert make_accountant("pld").epsilon(ledger.total_event(), s["delta"]) == pytest.approx(s["epsilon"])
+    assert s["epsilon"] <= 8.0 and math.isfinite(s["eval_loss_after"])

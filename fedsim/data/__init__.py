@@ -10,8 +10,16 @@ def eval_examples(store: UserStore, n: int, seed: int) -> list:
     every method (ULS and ELS evaluate on the same examples)."""
     import random
 
-    pool = [x for u in range(store.num_users) for x in store.test_examples(u)]
-    random.Random(seed).shuffle(pool)
+    rng = random.Random(seed)
+    if store.num_users <= 10_000:
+        pool = [x for u in range(store.num_users) for x in store.test_examples(u)]
+    else:  # never touch a whole large population: held-out examples of a seeded sample of users
+        pool = []
+        for u in rng.sample(range(store.num_users), min(store.num_users, 4 * n)):
+            pool.extend(store.test_examples(u))
+            if len(pool) >= 4 * n:
+                break
+    rng.shuffle(pool)
     return pool[:n]
 
 
@@ -22,4 +30,21 @@ def build_store(cfg) -> UserStore:
         return ShakespeareStore(cfg.public_plays, cfg.min_examples, cfg.test_fraction, cfg.max_users, cfg.seed)
     from fedsim.errors import ConfigError
 
+    if cfg.source == "synthetic":
+        from fedsim.data.synthetic import SyntheticTokenStore
+
+        if cfg.examples_per_user is None and cfg.max_examples < cfg.min_examples:
+            raise ConfigError(f"data.max_examples ({cfg.max_examples}) must be >= data.min_examples ({cfg.min_examples})")
+        n = cfg.num_users if cfg.max_users is None else min(cfg.num_users, cfg.max_users)
+        return SyntheticTokenStore(n, cfg.seed, seq_len=cfg.seq_len, test_fraction=cfg.test_fraction,
+                                   min_examples=cfg.min_examples, max_examples=cfg.max_examples,
+                                   examples_per_user=cfg.examples_per_user)
+    if cfg.source == "files":
+        from fedsim.data.files import FileUserStore
+
+        if not cfg.path:
+            raise ConfigError("data.path is required when data.source is 'files'")
+        return FileUserStore(cfg.path, cfg.user_column, cfg.text_column, cfg.test_fraction, cfg.min_examples,
+                             max_users=cfg.max_users, max_example_bytes=cfg.max_example_bytes,
+                             long_examples=cfg.long_examples)
     raise ConfigError(f"data.source {cfg.source!r} is not available yet")
