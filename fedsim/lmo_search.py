@@ -52,6 +52,7 @@ from scipy import optimize, special
 
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.privacy.accounting import check_delta, check_epsilon, check_sampling_rate, check_steps
+from fedsim.privacy.calibration import log_bisect
 from fedsim.privacy.lmo import (
     ORDERS,
     SPARSE_ORDERS,
@@ -319,13 +320,7 @@ def _bisect_decreasing(eps_of, target: float, guess: float, rtol: float = 1e-4) 
     lo = hi / 2.0
     while eps_of(lo) <= target and lo > 1e-8:
         hi, lo = lo, lo / 2.0
-    while hi / lo > 1 + rtol:
-        mid = math.sqrt(lo * hi)
-        if eps_of(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return log_bisect(lambda s: eps_of(s) <= target, hi, lo, rtol)
 
 
 def _largest_feasible_scale(eps_of, target: float, lo: float, hi: float, rtol: float = 2e-4) -> float | None:
@@ -339,13 +334,7 @@ def _largest_feasible_scale(eps_of, target: float, lo: float, hi: float, rtol: f
             return None
     if eps_of(hi) <= target:
         return hi
-    while hi / lo > 1 + rtol:
-        mid = math.sqrt(lo * hi)
-        if eps_of(mid) <= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return log_bisect(lambda c: eps_of(c) <= target, lo, hi, rtol)
 
 
 def _objective(p: LmoParams, objective: str, gamma: float) -> float:

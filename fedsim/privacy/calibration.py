@@ -22,6 +22,19 @@ from fedsim.privacy.accounting import (
 )
 
 
+def log_bisect(is_ok: Callable[[float], bool], ok: float, bad: float, rtol: float = 1e-3) -> float:
+    """Bisection in log space between a point that satisfies a monotone predicate (`ok`) and one
+    that does not (`bad`), in either order; returns an `ok` point within relative `rtol` of the
+    boundary. Returning the `ok` end is what makes calibration err on the safe side."""
+    while max(ok, bad) / min(ok, bad) > 1.0 + rtol:
+        mid = math.sqrt(ok * bad)
+        if is_ok(mid):
+            ok = mid
+        else:
+            bad = mid
+    return ok
+
+
 def calibrate_noise(
     make_event: Callable[[float], dp_event.DpEvent],
     target_epsilon: float,
@@ -64,14 +77,8 @@ def calibrate_noise(
     # Shrink the lower end until it fails (or is tiny).
     while lower > 1e-6 and eps(lower) <= target_epsilon:
         upper, lower = lower, lower / 2.0
-    # Bisection in log space; invariant: eps(upper) <= target < eps(lower).
-    while upper / lower > 1.0 + rtol:
-        mid = math.sqrt(lower * upper)
-        if eps(mid) <= target_epsilon:
-            upper = mid
-        else:
-            lower = mid
-    return upper
+    # invariant: eps(upper) <= target < eps(lower)
+    return log_bisect(lambda s: eps(s) <= target_epsilon, upper, lower, rtol)
 
 
 def calibrate_gaussian_noise_multiplier(

@@ -397,13 +397,17 @@ class EdgeworthAccountant(Accountant):
     # -- approximation (NOT a bound) --------------------------------------------------------
     def epsilon_approximation(self, event: dp_event.DpEvent, delta: float) -> float:
         """Edgeworth estimate of epsilon at `delta` (eq. (1) with (2)); not an upper bound."""
+        return self._epsilon_from(delta_approximation_curve, event, delta, conservative=False)
+
+    def _epsilon_from(self, curve, event: dp_event.DpEvent, delta: float, conservative: bool) -> float:
+        """Worst epsilon over the event's parts from a delta(eps) curve (approximate or upper)."""
         check_delta(delta)
         composed, non_private = self._composed(event)
         if non_private:
             return math.inf
         if composed is None:
             return 0.0
-        return max(_eps_from_curve(delta_approximation_curve, c, delta, False) for c in composed.values())
+        return max(_eps_from_curve(curve, c, delta, conservative) for c in composed.values())
 
     def delta_approximation(self, event: dp_event.DpEvent, epsilon: float) -> float:
         """Edgeworth estimate of delta at `epsilon`; not an upper bound."""
@@ -418,13 +422,7 @@ class EdgeworthAccountant(Accountant):
     # -- rigorous bound -------------------------------------------------------------------------
     def epsilon_bound(self, event: dp_event.DpEvent, delta: float) -> float:
         """Smallest eps with delta_upper(eps) <= delta, eq. (4); inf when the bound is vacuous."""
-        check_delta(delta)
-        composed, non_private = self._composed(event)
-        if non_private:
-            return math.inf
-        if composed is None:
-            return 0.0
-        return max(_eps_from_curve(delta_upper_curve, c, delta, True) for c in composed.values())
+        return self._epsilon_from(delta_upper_curve, event, delta, conservative=True)
 
     def delta_bound(self, event: dp_event.DpEvent, epsilon: float) -> float:
         """min over eps' <= epsilon of delta_upper(eps'): valid because delta(.) is non-increasing."""
