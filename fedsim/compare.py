@@ -104,29 +104,29 @@ def plot_curves(path: Path, curves: dict[str, list[tuple[float, float]]], title:
     plt.close(fig)
 
 
+def _fmt(x) -> str:
+    return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
+
+
 def print_table(uls: dict, els: dict, cp: ComputePlan) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"ULS vs ELS at matched (epsilon, delta) and compute (budget {cp.budget:,.0f} example gradients)")
-    for col in ("method", "epsilon (target)", "delta", "sigma", "shape", "compute (planned)", "eval loss before -> after",
-                "perplexity after", "wall time"):
+    t = Table(title=f"ULS vs ELS, same (epsilon, delta), compute budget {cp.budget:,.0f} example gradients")
+    for col in ("method", "eps (target)", "delta", "sigma", "shape", "compute (plan)", "eval loss", "ppl", "time"):
         t.add_column(col)
     for s in (uls, els):
-        sigma = s.get("noise_multiplier")
         shape = (f"{s['rounds']} rounds x {s['expected_cohort']:.0f} users" if s["method"] == "ULS"
                  else f"{s['steps']} steps x {s['expected_batch']:g} ex, k={s['k']}")
         planned = cp.uls_expected if s["method"] == "ULS" else cp.els_expected
-        eps = s["epsilon"]
-        t.add_row(s["method"], f"{eps:.4g} ({s.get('target_epsilon')})" if isinstance(eps, float) else str(eps),
-                  f"{s['delta']:.3g}", f"{sigma:.4g}" if isinstance(sigma, (int, float)) else str(sigma), shape,
-                  f"{s['compute_examples']:,} ({planned:,.0f})",
+        t.add_row(s["method"], f"{_fmt(s['epsilon'])} ({_fmt(s.get('target_epsilon'))})", f"{s['delta']:.2g}",
+                  _fmt(s.get("noise_multiplier")), shape, f"{s['compute_examples']:,} ({planned:,.0f})",
                   f"{s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f}", f"{s['eval_perplexity_after']:.3f}",
-                  f"{s['wall_time_s']:.1f}s")
+                  f"{s['wall_time_s']:.0f}s")
     Console().print(t)
     g = els.get("group_privacy_epsilon")
     if g is not None:
-        print(f"ELS user-level epsilon: tight (mixture PLD) {els['epsilon']:.4g} vs group privacy {g:.4g}"
+        print(f"ELS user-level epsilon: tight (mixture PLD) {_fmt(els['epsilon'])} vs group privacy {_fmt(g)}"
               f" (k={els['k']}, same sigma and delta)")
 
 
@@ -143,20 +143,24 @@ def run_compare(cfg, say=print) -> tuple[Path, dict]:
         cfg = cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"noise_multiplier": None})})
     store = build_store(cfg.data)
     cp = plan_compute(cfg, store)
-    # the comparison directory; each method gets a run directory inside it
-    base = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": cfg.compare.name})})
-    out = create_run_dir(base)
-    uls_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"rounds": cp.uls_rounds, "output_dir": str(out),
-                                                                        "name": "uls"})})
-    els_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": str(out), "name": "els"}),
+    uls_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"rounds": cp.uls_rounds, "name": "uls"})})
+    els_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "els"}),
                                      "els": cfg.els.model_copy(update={"steps": cp.els_steps})})
-    # plan both before training anything: bad inputs fail here, not after the ULS run
-    uls_plan = plan_uls(uls_cfg, store.num_users)
+    # plan both before anything is written or trained: bad inputs fail here
     say(f"compute budget {cp.budget:,.0f} example gradients: ULS {cp.uls_rounds} rounds x {cp.uls_per_round:.1f}"
         f" expected per round; ELS {cp.els_steps} steps x {cp.els_batch:g} expected per step")
-    els_plan = plan_els(els_cfg, store, steps=cp.els_steps)
-    say(f"ULS sigma={getattr(uls_plan.mechanism, 'noise_multiplier', None)}; ELS sigma={els_plan.mechanism.noise_multiplier:.4g}"
-        f" (user-level epsilon {els_plan.planned_epsilon:.4g}, group-privacy bound {els_plan.group_epsilon})")
+    els_plan = plan_els(els_cfg, store, steps=cp.els_steps)  # first: its input checks are cheap, ULS calibration is not
+    uls_plan = plan_uls(uls_cfg, store.num_users)
+    say(f"ULS sigma={getattr(uls_plan.mechanism, 'noise_multiplier', float('nan')):.4g}; ELS sigma="
+        f"{els_plan.mechanism.noise_multiplier:.4g} (user-level epsilon {els_plan.planned_epsilon:.4g},"
+        f" group-privacy bound {_fmt(els_plan.group_epsilon)})")
+    # the comparison directory; each method gets a run directory inside it (ULS reuses its calibrated sigma)
+    out = create_run_dir(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": cfg.compare.name})}))
+    uls_cfg = uls_cfg.model_copy(update={"run": uls_cfg.run.model_copy(update={"output_dir": str(out)})})
+    sigma = getattr(uls_plan.mechanism, "noise_multiplier", None)
+    if cfg.dp.mechanism == "gaussian" and sigma is not None:
+        uls_cfg = uls_cfg.model_copy(update={"dp": uls_cfg.dp.model_copy(update={"noise_multiplier": sigma})})
+    els_cfg = els_cfg.model_copy(update={"run": els_cfg.run.model_copy(update={"output_dir": str(out)})})
     # ULS (Flower), then ELS (centralized); evaluations at the same compute fractions
     uls_dir, uls = run_uls(uls_cfg, say=say)
     els_every = max(1, round(cp.els_steps * cfg.run.eval_every / cp.uls_rounds))

@@ -48,6 +48,7 @@ class ElsPlan:
     group_epsilon: float | None  # the group-privacy bound at the same delta (None if not computed)
     accounting_interval: float
     warnings: list[str] = field(default_factory=list)
+    accountant: object = None  # the ElsPldAccountant that planned it (its cached PLD serves the budget guard)
 
     @property
     def num_examples(self) -> int:
@@ -83,9 +84,10 @@ def sampling_rate(expected_batch: float, num_examples: int, k: int) -> float:
 def plan_els(cfg, store, steps: int | None = None, group_bound: bool = True) -> ElsPlan:
     """Examples, sampling rate, delta and the calibrated mechanism for `steps` ELS steps."""
     from fedsim.privacy.els_accounting import (
+        ElsPldAccountant,
         calibrate_els_noise,
         check_group_size,
-        els_epsilon,
+        els_event,
         group_privacy_epsilon,
     )
     from fedsim.uls import resolve_delta
@@ -106,27 +108,28 @@ def plan_els(cfg, store, steps: int | None = None, group_bound: bool = True) -> 
     check_delta(delta, "dp.delta")
     clip = ec.clip_norm if ec.clip_norm is not None else dp.clip_norm
     interval = ec.accounting_interval
+    acc = ElsPldAccountant(interval)
 
     def finish(sigma: float, target: float | None, eps: float) -> ElsPlan:
         group = None
         if group_bound and math.isfinite(eps) and sigma > 0:
             group = group_privacy_epsilon(sigma, ec.k, q, steps, delta).epsilon
         return ElsPlan(store.num_users, ec.k, users, index, q, ec.expected_batch, steps, delta,
-                       GaussianMechanism(clip, sigma), target, eps, group, interval, warnings)
+                       GaussianMechanism(clip, sigma), target, eps, group, interval, warnings, acc)
 
     if dp.noise_multiplier is not None:
         sigma = dp.noise_multiplier
         if sigma == 0:
             return finish(0.0, None, math.inf)
-        eps = els_epsilon(sigma, ec.k, q, steps, delta, interval)
+        eps = acc.epsilon(els_event(sigma, ec.k, q, steps), delta)
         if dp.epsilon is not None and eps > dp.epsilon:
             raise ConfigError(f"dp.noise_multiplier={sigma:g} gives user-level epsilon={eps:.4g} over {steps} ELS steps"
                               f" (k={ec.k}, q={q:.3g}), above dp.epsilon={dp.epsilon:g}")
         return finish(sigma, dp.epsilon if dp.epsilon is not None else eps, eps)
     if dp.epsilon is None:
         raise ConfigError("set dp.epsilon (a budget) or dp.noise_multiplier (0 for a non-private run)")
-    sigma = calibrate_els_noise(ec.k, q, steps, dp.epsilon, delta, interval)
-    return finish(sigma, dp.epsilon, els_epsilon(sigma, ec.k, q, steps, delta, interval))
+    sigma = calibrate_els_noise(ec.k, q, steps, dp.epsilon, delta, interval, accountant=acc)
+    return finish(sigma, dp.epsilon, acc.epsilon(els_event(sigma, ec.k, q, steps), delta))
 
 
 def clipped_sum(clipper, task, texts: list, clip_norm: float, micro_batch: int):
@@ -160,8 +163,7 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
     from fedsim.training.server_opt import ServerOptimizer
 
     t_start = time.time()
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    torch.set_num_threads(cfg.run.threads or 1)  # as ULS: one intra-op thread unless asked (shared CPUs)
     # users, privacy plan (fails on bad input before anything is written), run directory
     store = build_store(cfg.data)
     plan = plan or plan_els(cfg, store)
@@ -175,7 +177,8 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
     clipper = make_clipper(task, cfg.els.per_example)
     # ledger, budget guard, noise, example sampler, optimizer
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
-    budget = PrivacyBudget(ledger, ElsPldAccountant(plan.accounting_interval), plan.delta, plan.target_epsilon)
+    budget = PrivacyBudget(ledger, plan.accountant or ElsPldAccountant(plan.accounting_interval), plan.delta,
+                           plan.target_epsilon)
     noise_gen, noise_source = make_noise_generator(task.device, cfg.run.seed + 7919 if cfg.dp.reproducible else None)
     sampler = PoissonUserSampler(plan.num_examples, plan.q, seed=cfg.run.seed)
     opt = ServerOptimizer(task.flat.get(), cfg.els.optimizer, cfg.els.lr, cfg.els.momentum)

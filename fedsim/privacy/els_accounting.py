@@ -204,17 +204,19 @@ def els_epsilon(noise_multiplier: float, k: int, q: float, steps: int, delta: fl
 
 
 def calibrate_els_noise(k: int, q: float, steps: int, target_epsilon: float, delta: float,
-                        interval: float = DEFAULT_INTERVAL, rtol: float = 5e-3) -> float:
+                        interval: float = DEFAULT_INTERVAL, rtol: float = 5e-3,
+                        accountant: ElsPldAccountant | None = None) -> float:
     """Smallest sigma (up to `rtol`, rounded up) whose T ELS steps meet the user-level target.
 
     The bracket is seeded from the k = 1 answer scaled by sqrt(k) (RDP refuses mixtures;
     the k = 1 answer comes from the fast Poisson-Gaussian PLD). Every candidate costs one
-    mixture PLD build, so a coarse `interval` keeps this to seconds.
+    mixture PLD build, so a coarse `interval` keeps this to seconds. Pass `accountant` to
+    keep the winner's PLD cached for the run's budget guard.
     """
     check_group_size(k)
     check_sampling_rate(q)
     check_steps(steps)
-    acc = ElsPldAccountant(interval)
+    acc = accountant or ElsPldAccountant(interval)
     from fedsim.privacy.accounting import poisson_gaussian_event
 
     base = calibrate_noise(lambda s: poisson_gaussian_event(q, s, steps), target_epsilon, delta, acc, guess=1.0, rtol=0.05)
@@ -241,7 +243,8 @@ def group_privacy_epsilon(noise_multiplier: float, k: int, q: float, steps: int,
     (k eps0, k e^{(k-1) eps0} delta0)-DP for k examples. We look for the largest example
     delta0 with k e^{(k-1) eps0(delta0)} delta0 <= delta (eps0 falls as delta0 grows, so
     the largest feasible delta0 gives the smallest user epsilon): a descending log grid,
-    then bisection between the first feasible point and the infeasible one above it.
+    then bisection between the first feasible point and the infeasible one above it
+    (to 1e-4 relative in delta0).
     Any feasible delta0 gives a valid bound; the search only makes it small. When no
     delta0 down to ~1e-32 delta / k is feasible the bound is reported as infinite.
     """
@@ -257,17 +260,19 @@ def group_privacy_epsilon(noise_multiplier: float, k: int, q: float, steps: int,
     hi = delta / k  # k e^{...} d0 >= k d0, so d0 <= delta / k
     feasible, above = None, None
     d0 = hi
-    for _ in range(400):  # factor 1.2 per step: down to ~1e-32 * delta / k
+    for _ in range(110):  # halving: down to ~1e-33 * delta / k
         ud, e0 = user_delta(d0)
         if ud <= delta:
             feasible = d0
             break
-        above, d0 = d0, d0 / 1.2
+        if not math.isfinite(e0):  # below the PLD's resolution: smaller delta0 cannot help
+            break
+        above, d0 = d0, d0 / 2.0
     if feasible is None:  # e^{(k-1) eps0} outgrows every delta0 the PLD resolves: no finite bound
         return GroupPrivacyBound(epsilon=math.inf, delta=delta, example_epsilon=math.inf, example_delta=0.0, k=k)
     if above is not None:
         lo, up = feasible, above
-        for _ in range(40):
+        while up / lo > 1.0 + 1e-4:
             mid = math.sqrt(lo * up)
             if user_delta(mid)[0] <= delta:
                 lo = mid

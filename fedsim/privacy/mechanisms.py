@@ -26,7 +26,8 @@ def per_user_clip(update: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor,
 
     Same factor as Opacus: min(1, C / (||u|| + 1e-6)), so the result is strictly inside the ball.
     """
-    norm = float(torch.linalg.vector_norm(update.float()))
+    # accumulated in float64: torch's float32 CPU vector_norm is 0.75% low at 85M entries
+    norm = float(update.float().pow(2).sum(dtype=torch.float64).sqrt())
     factor = min(1.0, clip_norm / (norm + 1e-6))
     if factor < 1.0:
         update.mul_(factor)

@@ -26,13 +26,17 @@ loop of batch-size-1 backward passes, the Opacus way):
   causal LM batches (padding comes after every target token and the padded labels are
   ignored) and refused otherwise.
 * ``opacus``: Opacus `GradSampleModule` hooks materialise p.grad_sample (B x d), then clip
-  and sum. Works for LoRA; on GPT-2 full fine-tuning Opacus mis-sizes the broadcast
-  position embedding and materialises the tied embedding per example, so it is
-  slower and kept for the benchmark only. (Opacus ghost clipping refuses tied weights,
-  and breaks on peft LoRA modules in opacus 1.6.0: `_forward_counter`.)
+  and sum. Correct for LoRA and, given [B, T] position ids (its embedding sampler
+  mis-sizes HF's broadcast [1, T] ones), for full fine-tuning; HF's Conv1D goes through
+  its functorch fallback. Kept for the benchmark. Opacus ghost clipping
+  (GradSampleModuleFastGradientClipping) refuses GPT-2's tied embeddings and fails on
+  peft LoRA layers in opacus 1.6.0 (`_forward_counter`), so it is not offered.
 
-`make_clipper(task, "auto")` picks ``hooks`` when every trainable parameter lives in a
-supported layer, else ``vmap``. `bench/els_overhead.py` measures all of them.
+ELS step / non-private step, measured by `bench/els_overhead.py` (median of interleaved
+pairs, 1 thread): default tiny model, batch 64: LoRA hooks 1.00x, vmap 0.89x, opacus
+1.03x; full hooks 1.30x, vmap 2.3x, opacus 2.8x. GPT-2-small shape (85M weights), batch
+8: LoRA hooks 1.06x, opacus 1.07x; full hooks 1.18x. `make_clipper(task, "auto")` picks
+``hooks`` when every trainable parameter lives in a supported layer, else ``vmap``.
 """
 
 from __future__ import annotations
@@ -71,6 +75,13 @@ def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     ce = nn.functional.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=-100, reduction="none")
     counts = (lb != -100).sum(1).clamp(min=1)
     return ce.view(lb.shape).sum(1) / counts
+
+
+def _norms(rows: torch.Tensor) -> torch.Tensor:
+    """Row L2 norms accumulated in float64. torch 2.13's float32 `linalg.vector_norm` on CPU
+    is 0.75% low on 85M entries (GPT-2-small full fine-tuning): clipping with it would let
+    a clipped gradient exceed C."""
+    return rows.reshape(rows.shape[0], -1).pow(2).sum(1, dtype=torch.float64).sqrt()
 
 
 def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
@@ -127,17 +138,18 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
 
 
 def _ghost_sq_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """||g_i^T a_i||_F^2 per example without forming it: sum_{t,s} (a a^T)_{ts} (g g^T)_{ts}."""
+    """||g_i^T a_i||_F^2 per example without forming it: sum_{t,s} (a a^T)_{ts} (g g^T)_{ts}
+    (the T x T products in the input dtype, their sum accumulated in float64)."""
     if a.shape[1] == 1:
-        return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
-    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        return a.pow(2).sum((1, 2), dtype=torch.float64) * g.pow(2).sum((1, 2), dtype=torch.float64)
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2), dtype=torch.float64)
 
 
 def _ghost_sq_norm_embedding(ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Embedding: ||sum_t e_{id_t} g_t^T||^2 = sum_{t,s} [id_t = id_s] (g_t . g_s)."""
     ids = ids.reshape(ids.shape[0], -1)
     same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
-    return (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    return (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2), dtype=torch.float64)
 
 
 class _Layer:
@@ -244,26 +256,28 @@ class HookClipper(PerExampleClipper):
             return _ghost_sq_norm_embedding(a, _as_3d(g))
         return _ghost_sq_norm(_as_3d(a).to(g.dtype), _as_3d(g))
 
-    def _weighted(self, m, kind, a, g, c):
-        """sum_i c_i grad_i of m.<kind> for this call (one product; c scales g)."""
-        gc = g * c.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+    @staticmethod
+    def _weighted_into(out: torch.Tensor, m, a, g, c) -> None:
+        """out <- sum_i c_i grad_i of a ghost-normed weight (used once per forward): one
+        product, with c scaling the narrower of the layer's input and output."""
+        cw = c.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
         if isinstance(m, nn.Embedding):
-            rows = gc.reshape(-1, gc.shape[-1])
-            flat_ids = a.reshape(-1)
+            ids = a.reshape(-1)
+            rows = (g * cw).reshape(-1, g.shape[-1])
             if m.padding_idx is not None:
-                rows = rows.masked_fill((flat_ids == m.padding_idx).unsqueeze(-1), 0.0)
-            return torch.zeros_like(m.weight).index_add_(0, flat_ids, rows.to(m.weight.dtype))
-        a2 = a.reshape(-1, a.shape[-1]).to(g.dtype)
-        g2 = gc.reshape(-1, gc.shape[-1])
-        if isinstance(m, nn.LayerNorm):
-            if kind == "bias":
-                return g2.sum(0)
-            return (g2 * nn.functional.layer_norm(a2, m.normalized_shape, eps=m.eps)).sum(0)
-        if kind == "bias":
-            return g2.sum(0)
+                rows = rows.masked_fill((ids == m.padding_idx).unsqueeze(-1), 0.0)
+            out.index_add_(0, ids, rows.to(out.dtype))
+            return
+        a = a.to(g.dtype)
+        if a.shape[-1] <= g.shape[-1]:
+            a = a * cw
+        else:
+            g = g * cw
+        a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
         if isinstance(m, nn.Linear):
-            return g2.t() @ a2
-        return a2.t() @ g2
+            torch.mm(g2.t(), a2, out=out)  # [out, in]
+        else:
+            torch.mm(a2.t(), g2, out=out)  # Conv1D: [in, out]
 
     def _clip_and_accumulate(self, batch, clip_norm: float) -> ClipResult:
         # forward: hooks record every trainable layer's input and output
@@ -279,7 +293,7 @@ class HookClipper(PerExampleClipper):
                                             " (its per-example gradients are summed over the batch)")
         # backward: output gradients only (no weight-gradient products)
         grads = torch.autograd.grad(losses.sum(), [c.out for c in calls], allow_unused=True)
-        sq = torch.zeros(n, dtype=torch.float32, device=losses.device)
+        sq = torch.zeros(n, dtype=torch.float64, device=losses.device)
         materialised: dict[int, torch.Tensor] = {}
         ghost: list[tuple] = []
         used: dict[int, int] = {}
@@ -298,21 +312,21 @@ class HookClipper(PerExampleClipper):
                 may_ghost = (kind == "weight" and id(p) not in self.shared and used[id(m)] == 1
                              and isinstance(m, (nn.Linear, nn.Embedding) + self._conv1d))
                 if may_ghost and (size > room or self._ghost_is_cheaper(m, a, g)):
-                    sq += self._ghost_sq_norm(m, a, g).float()
+                    sq += self._ghost_sq_norm(m, a, g)
                     ghost.append((m, kind, a, g, p))
                     continue
                 room -= size
                 pe = self._per_example(m, kind, a, g)
                 materialised[id(p)] = materialised[id(p)] + pe if id(p) in materialised else pe
         for pe in materialised.values():
-            sq += pe.reshape(n, -1).float().pow(2).sum(1)
+            sq += pe.reshape(n, -1).pow(2).sum(1, dtype=torch.float64)
         norms = sq.sqrt()
         c = clip_factors(norms, clip_norm)
-        # clipped sum: one weighted product per ghost layer, c @ G for materialised ones
+        # clipped sum: one weighted product per ghost weight, c @ G for materialised ones
         self.flat.zero_grad()
         with torch.no_grad():
             for m, kind, a, g, p in ghost:
-                self.grad_view[id(p)].add_(self._weighted(m, kind, a, g, c))
+                self._weighted_into(self.grad_view[id(p)], m, a, g, c)
             for pid, pe in materialised.items():
                 self.grad_view[pid].add_(torch.tensordot(c.to(pe.dtype), pe, dims=1))
         return ClipResult(norms.detach(), losses.detach())
@@ -336,24 +350,24 @@ class VmapClipper(PerExampleClipper):
         return per_example_losses(out.logits, labels[None])[0]
 
     def _clip_and_accumulate(self, batch, clip_norm: float) -> ClipResult:
-        from torch.func import grad, vmap
+        from torch.func import grad_and_value, vmap
 
         mask = batch["attention_mask"]
         if mask.shape[1] > 1 and not bool((mask[:, 1:] <= mask[:, :-1]).all()):
             raise UnsupportedModelError("the vmap path needs right-padded batches (it drops the attention mask)")
         params = {n: p.detach() for n, p in zip(self.flat.names, self.flat.params)}
-        per_ex = vmap(grad(self._loss_one, has_aux=False), in_dims=(None, 0, 0))
+        per_ex = vmap(grad_and_value(self._loss_one), in_dims=(None, 0, 0))
         self.flat.zero_grad()
         norms, losses = [], []
         for i in range(0, batch["input_ids"].shape[0], self.chunk):
             ids, labels = batch["input_ids"][i : i + self.chunk], batch["labels"][i : i + self.chunk]
-            g = per_ex(params, ids, labels)
+            g, loss = per_ex(params, ids, labels)
             G = torch.cat([g[n].reshape(ids.shape[0], -1) for n in self.flat.names], 1)
-            nrm = torch.linalg.vector_norm(G, dim=1)
+            nrm = _norms(G)
             with torch.no_grad():
-                self.flat.flat_grad.add_(clip_factors(nrm, clip_norm) @ G)
-                losses.append(torch.func.vmap(self._loss_one, in_dims=(None, 0, 0))(params, ids, labels))
+                self.flat.flat_grad.add_(clip_factors(nrm, clip_norm).to(G.dtype) @ G)
             norms.append(nrm)
+            losses.append(loss)
         return ClipResult(torch.cat(norms).detach(), torch.cat(losses).detach())
 
 
@@ -384,10 +398,10 @@ class OpacusClipper(PerExampleClipper):
         G = torch.cat([p.grad_sample.reshape(n, -1) for p in self.flat.params], 1)
         for p in self.flat.params:
             p.grad_sample = None
-        nrm = torch.linalg.vector_norm(G, dim=1)
+        nrm = _norms(G)
         self.flat.zero_grad()
         with torch.no_grad():
-            self.flat.flat_grad.add_(clip_factors(nrm, clip_norm) @ G)
+            self.flat.flat_grad.add_(clip_factors(nrm, clip_norm).to(G.dtype) @ G)
         return ClipResult(nrm.detach(), losses.detach())
 
 
@@ -405,8 +419,8 @@ class NaiveClipper(PerExampleClipper):
             loss = self._forward_losses(one)[0]
             loss.backward()
             g = self.flat.flat_grad
-            nrm = torch.linalg.vector_norm(g)
-            total.add_(g * clip_factors(nrm, clip_norm))
+            nrm = _norms(g.unsqueeze(0))[0]
+            total.add_(g * clip_factors(nrm, clip_norm).to(g.dtype))
             norms.append(nrm.detach())
             losses.append(loss.detach())
         self.flat.flat_grad.copy_(total)
