@@ -71,6 +71,8 @@ def _quiet_logs(verbose: bool) -> None:
     flwr_logger.setLevel(level)
     for target in [flwr_logger, *flwr_logger.handlers]:
         target.addFilter(_DropDeprecationNotice())
+    if not verbose:  # run_simulation lowers flwr's level to DEBUG; keep its records off the root handlers
+        flwr_logger.propagate = False
     if not verbose:
         warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
