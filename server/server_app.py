@@ -45,6 +45,25 @@ def _split_metrics_for_resume(run_dir: Path, step: int) -> None:
     atomic_write_text(p, "\n".join(keep) + ("\n" if keep else ""))
 
 
+def other_accountants(ledger: PrivacyLedger, delta: float, reporting: str) -> dict:
+    """Epsilon of the same ledger under every accountant that supports it (bounds only;
+    the run's own accountant is the one reported)."""
+    from fedsim.privacy.accounting import UnsupportedEventError, accountant_names
+
+    out = {}
+    if len(ledger) == 0:
+        return out
+    event = ledger.total_event()
+    for name in accountant_names():
+        try:
+            acc = make_accountant(name)
+            if acc.supports(event):
+                out[name] = acc.epsilon(event, delta)
+        except (UnsupportedEventError, ValueError, FloatingPointError) as exc:
+            out[name] = f"unavailable: {type(exc).__name__}"
+    return out
+
+
 def run_server(grid: Grid, cfg, run_dir: Path, say=print, resume: bool = False) -> dict:
     t_start = time.time()
     writer = RunWriter(run_dir)
@@ -131,6 +150,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, say=print, resume: bool = False) 
     after = task.evaluate(evalset)
     writer.save_weights(task.flat.state_dict(), metadata={"format": "fedsim trainable weights", "rounds": str(rounds_done)})
     eps = budget.spent()
+    others = other_accountants(ledger, plan.delta, plan.accountant)
     wall = time.time() - t_start
     summary = {
         "method": "ULS", "rounds": rounds_done, "planned_rounds": cfg.run.rounds, "stop_reason": stop_reason,
@@ -142,6 +162,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, say=print, resume: bool = False) 
         "eval_loss_after": after["loss"], "eval_perplexity_after": after["perplexity"],
         "compute_examples": compute, "trainable_weights": task.flat.numel, "wall_time_s": wall,
         "time_per_round_s": wall / max(rounds_done, 1), "warnings": plan.warnings,
+        "epsilon_by_accountant": others,
     }
     writer.write_json("summary.json", summary)
     return summary

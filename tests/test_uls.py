@@ -98,6 +98,9 @@ def test_tiny_end_to_end_run_writes_metrics_and_finite_epsilon(smoke_cfg):
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
     assert len(ledger) == 3
     assert make_accountant("pld").epsilon(ledger.total_event(), summary["delta"]) == pytest.approx(summary["epsilon"])
+    others = summary["epsilon_by_accountant"]
+    assert others["pld"] == pytest.approx(summary["epsilon"])
+    assert others["rdp"] >= others["pld"] and others["prv"] >= others["pld"] * 0.999
 
 
 def test_non_private_run_lowers_eval_loss(tmp_path):
