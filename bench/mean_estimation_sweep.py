@@ -11,7 +11,7 @@ best mean final excess loss ||w - mu||^2 / 2 (over seeds) is kept:
 Noise comes from fedsim's calibration: the Poisson-Gaussian PLD for ULS
 (`calibrate_gaussian_noise_multiplier`), the Binomial(k, q) mixture PLD for ELS
 (`calibrate_els_noise`); noise is added by `GaussianMechanism.add_noise`. Calibrations are
-cached in bench/out/mean_estimation_calibration.json. Writes bench/out/mean_estimation.json,
+cached in the fedsim cache directory ($FEDSIM_CACHE_DIR). Writes bench/out/mean_estimation.json,
 mean_estimation.png and mean_estimation.md (table) and prints the table and the findings.
 """
 
@@ -28,12 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def calibrations(me, n, delta, out_dir: Path, say) -> dict:
+def calibrations(me, n, delta, say) -> dict:
     """sigma for every (method shape, budget, epsilon); cached on disk by its key."""
+    from fedsim.models.causal_lm import cache_dir
     from fedsim.privacy.calibration import calibrate_gaussian_noise_multiplier
     from fedsim.privacy.els_accounting import calibrate_els_noise
 
-    path = out_dir / "mean_estimation_calibration.json"
+    path = cache_dir() / "mean_estimation_calibration.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     cache = json.loads(path.read_text()) if path.is_file() else {}
     m, e = me.examples_per_user, me.uls_local_epochs
     todo = []
@@ -71,10 +73,8 @@ def sweep(cfg, say=print) -> dict:
 
     me, n = cfg.mean_estimation, cfg.data.num_users
     delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n)
-    out_dir = ROOT / "bench" / "out"
-    out_dir.mkdir(parents=True, exist_ok=True)
     say(f"calibrating noise ({len(me.budgets)} budgets x {len(me.epsilons)} epsilons; cached)")
-    cal = calibrations(me, n, delta, out_dir, say)
+    cal = calibrations(me, n, delta, say)
     lrs = torch.tensor(me.lrs)
     grid = [(eps, c) for eps in me.epsilons for c in me.clip_norms]  # one mechanism group each
     m, e = me.examples_per_user, me.uls_local_epochs
@@ -210,6 +210,7 @@ def main(argv=None) -> int:
     result = sweep(cfg, say)
     result["wall_time_s"] = time.time() - t0
     out, stem = ROOT / "bench" / "out", "mean_estimation_quick" if args.quick else "mean_estimation"
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (out / f"{stem}.md").write_text(table_markdown(result["rows"]))
     plot(result["rows"], out / f"{stem}.png", cfg.mean_estimation)

@@ -118,7 +118,7 @@ class MeanEstimationConfig(_Strict):
     seeds: int = Field(3, ge=1)  # replicas averaged per setting
     epsilons: list[float] = [1.0, 4.0, 16.0]  # user-level budgets (swept)
     budgets: list[int] = [4000, 32000, 256000]  # per-example gradient evaluations per method (swept)
-    uls_cohorts: list[float] = [50.0, 200.0]  # ULS expected cohorts tried (best kept)
+    uls_cohorts: list[float] = [50.0, 100.0, 200.0, 400.0]  # ULS expected cohorts tried (best kept)
     uls_examples_per_user: list[int] = [1, 4, 16]  # ULS examples a sampled user trains on, tried (best kept)
     uls_local_epochs: int = Field(1, ge=1)  # full-batch local GD epochs (local lr 1: one epoch gives the user mean)
     els_k: list[int] = [1, 4, 16]  # ELS examples per user tried (best kept)

@@ -33,10 +33,11 @@ loop of batch-size-1 backward passes, the Opacus way):
   peft LoRA layers in opacus 1.6.0 (`_forward_counter`), so it is not offered.
 
 ELS step / non-private step, measured by `bench/els_overhead.py` (median of interleaved
-pairs, 1 thread): default tiny model, batch 64: LoRA hooks 1.00x, vmap 0.89x, opacus
-1.03x; full hooks 1.30x, vmap 2.3x, opacus 2.8x. GPT-2-small shape (85M weights), batch
-8: LoRA hooks 1.06x, opacus 1.07x; full hooks 1.18x. `make_clipper(task, "auto")` picks
-``hooks`` when every trainable parameter lives in a supported layer, else ``vmap``.
+pairs, 1 thread): default tiny model, batch 64: LoRA hooks 0.99x, vmap 0.87x, opacus
+0.99x (all within the run-to-run spread); full hooks 1.30x, vmap 2.3x, opacus 2.9x.
+GPT-2-small shape (85M weights), batch 8: LoRA hooks 1.03x, vmap 1.24x, opacus 1.07x;
+full hooks 1.18x. So `make_clipper(task, "auto")` picks ``hooks`` when every trainable
+parameter lives in a supported layer, else ``vmap``.
 """
 
 from __future__ import annotations
