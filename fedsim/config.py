@@ -130,7 +130,7 @@ class MeanEstimationConfig(_Strict):
 
 class DpConfig(_Strict):
     epsilon: float | None = Field(8.0, gt=0)  # target user-level epsilon for the planned rounds (None: non-private)
-    delta: float | None = Field(None, gt=0, lt=1)  # None: 1 / N^1.1 for N users
+    delta: float | None = Field(None, gt=0, lt=1)  # None: min(1e-5, 1 / N^1.1) for N users
     clip_norm: float = Field(1.0, gt=0)  # per-user L2 clipping norm C of the model delta
     noise_multiplier: float | None = Field(None, ge=0)  # set to skip calibration (0: no noise, epsilon = inf)
     accountant: Literal["pld", "rdp", "prv", "edgeworth", "lmo_faithful"] = "pld"  # the accountant that reports epsilon

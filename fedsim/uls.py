@@ -28,7 +28,7 @@ class UlsPlan:
 
 
 def default_delta(num_users: int) -> float:
-    """1 / N^1.1: below 1/N, the usual requirement for a meaningful user-level delta."""
+    """min(1e-5, 1 / N^1.1): below 1/N, the usual requirement for a meaningful user-level delta."""
     return min(1e-5, 1.0 / num_users**1.1)
 
 
