@@ -3,9 +3,9 @@
 For each trainer, runs with ``run.checkpoint_every=1`` and with checkpoints off are
 interleaved (off, on, off, on, ...) and repeated. Two figures per trainer:
 
-* ``ratio_wall``: median wall time of the training loop (summary ``wall_time_s`` minus the
-  time before the first round/step, i.e. model build and the first evaluation) with
-  checkpoints on / off;
+* ``ratio_loop_median`` (``_min``, ``_max``: the spread over the repetitions): per interleaved
+  pair, the training loop's wall time (sum of the round/step times in metrics.jsonl plus the
+  checkpoint writes; model build and the first evaluation excluded) with checkpoints on / off;
 * ``ratio_direct``: (median round time + median ``save_checkpoint`` time) / median round
   time, timing every ``save_checkpoint`` call of the "on" runs (less noisy on a shared
   machine).
@@ -82,7 +82,12 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    result = {"date": time.strftime("%Y-%m-%d"), "reps": args.reps, "trainers": {}}
+    import os
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    result = {"date": time.strftime("%Y-%m-%d"), "commit": commit or None,
+              "machine": f"{os.cpu_count()} CPU cores shared", "reps": args.reps, "trainers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for method, n in (("ULS", args.uls_rounds), ("ELS", args.els_steps)):
             runs = {0: [], 1: []}

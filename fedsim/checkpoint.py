@@ -1,7 +1,8 @@
 """Atomic checkpoints: tensors in safetensors, everything else in JSON. Never pickle.
 
 Layout in a run directory:
-  checkpoint-r{round}.safetensors  trainable weights, optimizer tensors, (reproducible mode) noise RNG state
+  checkpoint-r{round}.safetensors  trainable weights, optimizer tensors, (reproducible mode) noise RNG state,
+                                   other RNG states (`rng.*`, e.g. torch's global RNG for dropout in ELS)
   checkpoint.json                  round, sampler RNG state, optimizer hyper-parameters, tensor file name + sha256
 
 The tensor file is written first (temp file + rename) under a new name, then the JSON
@@ -57,7 +58,10 @@ def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
 
 
 def save_checkpoint(run_dir: Path, *, step: int, weights: torch.Tensor, optimizer_state: dict,
-                    sampler_state: dict | None, noise_state: torch.Tensor | None, extra: dict | None = None) -> Path:
+                    sampler_state: dict | None, noise_state: torch.Tensor | None, extra: dict | None = None,
+                    rng_states: dict[str, torch.Tensor] | None = None) -> Path:
+    """`rng_states`: other generator states to restore (e.g. torch's global RNG, which drives
+    dropout), stored as tensors `rng.<name>`; never the noise generator's (see `noise_state`)."""
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
@@ -65,6 +69,8 @@ def save_checkpoint(run_dir: Path, *, step: int, weights: torch.Tensor, optimize
     tensors = {"weights": weights.detach().cpu().contiguous(), **opt_tensors}
     if noise_state is not None:
         tensors["noise_rng_state"] = noise_state.detach().cpu().contiguous()
+    for key, st in (rng_states or {}).items():
+        tensors[f"rng.{key}"] = st.detach().cpu().contiguous()
     name = f"checkpoint-r{step}.safetensors"
     tmp = run_dir / f".{name}.tmp{os.getpid()}"
     save_file(tensors, str(tmp))
@@ -100,27 +106,39 @@ def load_checkpoint(run_dir: Path) -> dict:
         tensors = load_file(str(tfile))
     except Exception as exc:  # safetensors raises its own error types
         raise FedsimError(f"{tfile}: unreadable checkpoint ({exc})") from None
-    meta["weights"] = tensors["weights"]
-    meta["optimizer_state"] = _join_optimizer_state(tensors, meta.pop("optimizer"))
+    try:
+        meta["weights"] = tensors["weights"]
+        meta["optimizer_state"] = _join_optimizer_state(tensors, meta.pop("optimizer"))
+        int(meta["step"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FedsimError(f"{ptr}: corrupt checkpoint pointer (missing or malformed {exc})") from None
     meta["noise_state"] = tensors.get("noise_rng_state")
+    meta["rng_states"] = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
     return meta
 
 
 def checkpoint_method(run_dir) -> str:
-    """"ELS" or "ULS": which trainer wrote the run directory's checkpoint (ULS when unreadable:
-    `resume_uls` then reports what is wrong with it)."""
+    """"ELS" or "ULS": which trainer wrote the run directory's checkpoint (from metrics.jsonl when
+    the pointer is unreadable, so the right resume reports what is wrong with it; ULS if neither says)."""
     try:
         return json.loads((Path(run_dir) / POINTER).read_text(encoding="utf-8")).get("method", "ULS")
     except (OSError, ValueError, AttributeError):
+        pass
+    try:  # no readable pointer: the metrics rows say which (ELS counts "step", ULS "round")
+        with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8") as fh:
+            return "ELS" if "step" in json.loads(fh.readline()) else "ULS"
+    except (OSError, ValueError, TypeError):
         return "ULS"
 
 
 def checkpoint_if_due(cfg, run_dir: Path, step: int, *, weights: torch.Tensor, optimizer_state: dict,
-                      sampler_state: dict | None, noise_generator: torch.Generator, extra: dict | None = None) -> bool:
+                      sampler_state: dict | None, noise_generator: torch.Generator, extra: dict | None = None,
+                      rng_states: dict[str, torch.Tensor] | None = None) -> bool:
     """Write a checkpoint when `run.checkpoint_every` divides `step`; the noise RNG state only in
     reproducible mode (see the module docstring). Returns whether one was written."""
     if not (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
         return False
     save_checkpoint(run_dir, step=step, weights=weights, optimizer_state=optimizer_state, sampler_state=sampler_state,
-                    noise_state=noise_generator.get_state() if cfg.dp.reproducible else None, extra=extra)
+                    noise_state=noise_generator.get_state() if cfg.dp.reproducible else None, extra=extra,
+                    rng_states=rng_states)
     return True

@@ -253,6 +253,8 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
             noise_gen.set_state(ckpt["noise_state"])
             replay_identical = True
         start, steps_done, compute = ckpt["step"] + 1, ckpt["step"], int(ckpt.get("compute", 0))
+        if "torch" in ckpt.get("rng_states", {}):  # torch's global RNG: dropout (LoRA / local models) in train mode
+            torch.set_rng_state(ckpt["rng_states"]["torch"])
         split_metrics_for_resume(run_dir, ckpt["step"], key="step")
         first = read_metrics(run_dir)[0]
         before = {"loss": first["eval_loss"], "perplexity": first["eval_perplexity"]}
@@ -304,7 +306,8 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
             # atomic checkpoint (weights, optimizer, sampler; noise RNG only when reproducible)
             checkpoint_if_due(cfg, run_dir, step, weights=task.flat.get(), optimizer_state=opt.state_dict(),
                               sampler_state=sampler.state(), noise_generator=noise_gen,
-                              extra={"method": "ELS", "compute": compute, "eval_every": eval_every})
+                              extra={"method": "ELS", "compute": compute, "eval_every": eval_every},
+                              rng_states={"torch": torch.get_rng_state()})
             progress.update(step, eps, row.get("eval_loss"))
     clipper.close()
     if steps_done and (steps_done != plan.steps or after is before):

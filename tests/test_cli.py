@@ -11,12 +11,32 @@ from fedsim.cli import main
 @pytest.mark.parametrize("override,needle", [
     ("dp.epsilon=0", "dp.epsilon"), ("dp.delta=1", "dp.delta"), ("uls.expected_cohort=5000", "expected_cohort"),
     ("model.source=local", "model.path"), ("dp.nonsense=3", "dp.nonsense"),
+    ("dp.epsilon=-1", "dp.epsilon"), ("dp.delta=0", "dp.delta"), ("dp.clip_norm=0", "dp.clip_norm"),
+    ("run.rounds=0", "run.rounds"), ("dp.epsilon=abc", "dp.epsilon"), ("nosection.key=1", "nosection"),
 ])
 def test_bad_config_exits_2_with_one_line(override, needle, tmp_path, capsys):
     rc = main(["run", "configs/smoke.yaml", "--set", f"run.output_dir={tmp_path}", "--set", override])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+    assert len(err[0]) < 400  # names the key; never dumps the whole config
+    assert not any(tmp_path.iterdir())  # refused before a run directory was made
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"dp: {nonsense: 1}\n", "dp.nonsense: unknown key"),
+    (b"foo: {a: 1}\n", "foo: unknown key"),
+    (b"dp: [unclosed\n", "not valid YAML (line 2, column 1"),
+    (b"run: {name: \xff}\n", "not valid UTF-8"),
+    (b"- just\n- a list\n", "top level must be a mapping"),
+])
+def test_bad_config_files_name_the_file_and_key(tmp_path, capsys, content, needle):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_bytes(content)
+    rc = main(["run", str(cfg)])
+    line = _one_error_line(capsys)
+    assert rc == 2 and needle in line and str(cfg) in line
+    assert rc == main(["run", str(tmp_path / "missing.yaml")]) and "missing.yaml not found" in _one_error_line(capsys)
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path, capsys):
@@ -45,14 +65,24 @@ def _one_error_line(capsys) -> str:
     return err[0]
 
 
-def test_corrupt_model_directory_is_a_clear_error(tmp_path, capsys):
+@pytest.mark.parametrize("files,needle", [
+    ({"config.json": b"{ this is not json"}, "config.json: corrupt model config"),
+    ({"config.json": b"{}"}, "has no model weights"),
+    ({"config.json": b"{}", "model.safetensors": b"garbage" * 10}, "model.safetensors: corrupt model weights"),
+    ({"config.json": b"{}", "model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":{\"dtype\":\"F32\","
+      b"\"shape\":[4],\"data_offsets\":[0,16]}}" + b"\x00" * 4}, "model.safetensors: corrupt model weights"),  # truncated
+])
+def test_corrupt_model_directory_is_a_clear_error(tmp_path, capsys, files, needle):
     model = tmp_path / "broken-model"
     model.mkdir()
-    (model / "config.json").write_text("{ this is not json")
-    rc = main(["run", "configs/smoke.yaml", "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "model.source=local",
+    for name, data in files.items():
+        (model / name).write_bytes(data)
+    out = tmp_path / "runs"
+    rc = main(["run", "configs/smoke.yaml", "--set", f"run.output_dir={out}", "--set", "model.source=local",
                "--set", f"model.path={model}"])
     line = _one_error_line(capsys)
-    assert rc == 2 and "cannot load the model in" in line and "broken-model" in line
+    assert rc == 2 and needle in line and "broken-model" in line
+    assert not out.exists() or not any(out.iterdir())  # refused before a run directory was made
 
 
 @pytest.mark.parametrize("content,extra,needle", [
@@ -98,3 +128,98 @@ def test_an_existing_run_directory_is_never_overwritten(tmp_path):
     second = create_run_dir(cfg)
     assert second != first and second.name == "smoke-2"
     assert (first / "summary.json").read_text() == '{"precious": true}'
+
+
+def test_a_failing_run_never_touches_an_existing_run_directory(tmp_path, capsys):
+    out = tmp_path / "runs"
+    old = out / "smoke"  # an earlier run of the same name
+    old.mkdir(parents=True)
+    precious = {"summary.json": b'{"precious": true}', "privacy_ledger.jsonl": b'{"step": 1}\n', "config.yaml": b"x: 1\n"}
+    for name, data in precious.items():
+        (old / name).write_bytes(data)
+    bad = tmp_path / "users.jsonl"
+    bad.write_bytes(b'{"author": 1, "text": "a"}\n')
+    for extra in (["data.source=files", f"data.path={bad}"], ["dp.delta=2"], ["model.source=local", f"model.path={tmp_path}"]):
+        rc = main(["run", "configs/smoke.yaml", "--set", f"run.output_dir={out}", *sum([["--set", e] for e in extra], [])])
+        assert rc == 2 and _one_error_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["smoke"]  # no half-made smoke-2 either
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == precious
+
+
+def test_delta_at_least_one_over_users_warns_through_the_cli(tmp_path, capsys):
+    rc = main(["run", "configs/smoke.yaml", "--set", f"run.output_dir={tmp_path}", "--set", "dp.delta=0.06",
+               "--set", "run.rounds=1"])
+    out = capsys.readouterr().out
+    assert rc == 0  # a warning, not an error
+    assert "warning: dp.delta=0.06 >= 1/users=0.05" in out
+
+
+# -- a corrupt checkpoint: `fedsim run --resume` refuses it, exit 2, and changes no file ------------
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    """One small ULS and one small ELS run directory with checkpoints (copied per test)."""
+    from fedsim.config import load_config
+    from fedsim.els import run_els
+    from fedsim.simulate import run_uls
+
+    base = tmp_path_factory.mktemp("ckpt-runs")
+    quiet = lambda *_: None  # noqa: E731
+    uls, _ = run_uls(load_config("configs/smoke.yaml", [f"run.output_dir={base / 'uls'}", "run.rounds=2",
+                                                         "run.checkpoint_every=1"]), say=quiet)
+    els, _ = run_els(load_config("configs/smoke.yaml", [f"run.output_dir={base / 'els'}", "els.steps=2", "els.k=2",
+                                                         "els.expected_batch=8", "els.accounting_interval=0.1",
+                                                         "run.checkpoint_every=1"]), say=quiet)
+    return {"ULS": uls, "ELS": els}
+
+
+def _break_tensors(d):
+    t = next(d.glob("checkpoint-r*.safetensors"))
+    t.write_bytes(t.read_bytes()[:-10] + b"0123456789")
+    return t.name
+
+
+def _drop_tensors(d):
+    next(d.glob("checkpoint-r*.safetensors")).unlink()
+    return "checkpoint.json"
+
+
+def _pointer_not_json(d):
+    (d / "checkpoint.json").write_text("{ torn")
+    return "checkpoint.json"
+
+
+def _pointer_without_optimizer(d):
+    import json
+
+    p = json.loads((d / "checkpoint.json").read_text())
+    del p["optimizer"]
+    (d / "checkpoint.json").write_text(json.dumps(p))
+    return "checkpoint.json"
+
+
+def _no_pointer(d):
+    (d / "checkpoint.json").unlink()
+    return "no checkpoint"
+
+
+@pytest.mark.parametrize("method", ["ULS", "ELS"])
+@pytest.mark.parametrize("damage,needle", [
+    (_break_tensors, "corrupt checkpoint (sha256"), (_drop_tensors, "is missing"),
+    (_pointer_not_json, "corrupt checkpoint pointer"), (_pointer_without_optimizer, "corrupt checkpoint pointer"),
+    (_no_pointer, "set run.checkpoint_every"), (None, "already finished"),
+])
+def test_corrupt_checkpoint_through_the_cli(finished_runs, tmp_path, capsys, method, damage, needle):
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(finished_runs[method], d)
+    if damage is not None:  # as if the run had crashed: no summary yet, then the checkpoint is damaged
+        (d / "summary.json").unlink()
+        names = damage(d)
+    else:
+        names = "summary.json"
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    rc = main(["run", "--resume", str(d)])
+    line = _one_error_line(capsys)
+    assert rc == 2 and needle in line and str(d) in line and names in line
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing written, moved or removed

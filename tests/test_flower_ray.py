@@ -40,18 +40,40 @@ def test_smollm2_lora_two_rounds(tmp_path):
 
 
 @pytest.mark.ray
-def test_a_ray_worker_dying_mid_round_is_dropped_once_and_the_run_finishes(tmp_path):
+@pytest.mark.parametrize("kill_rate,seed,limit_s", [
+    (0.1, 5, 90),  # fast: one worker killed in round 1 (of 8 messages), rounds 2-3 must then lose nothing
+    pytest.param(0.25, 0, 240, marks=pytest.mark.slow),  # 5 + 1 kills; each replacement actor costs ~10 s here
+])
+def test_a_ray_worker_dying_mid_round_is_dropped_once_and_the_run_finishes(tmp_path, kill_rate, seed, limit_s):
     """simulation.faults.kill_rate: the client's Ray worker process exits (os._exit) in the
     middle of a round. The round completes with the other replies, the lost one is counted as
-    dropped (never twice), noise is still added, the ledger has one release per round."""
+    dropped (never twice), the dead actor is replaced (later messages are served), noise is
+    still added, the ledger has one release per round and epsilon equals the ledger's."""
     rounds = 3
     cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "simulation.backend=ray",
                                               f"run.rounds={rounds}", "uls.expected_cohort=6",
-                                              "simulation.faults.kill_rate=0.25", "simulation.timeout=120"])
+                                              f"simulation.faults.kill_rate={kill_rate}", f"simulation.faults.seed={seed}",
+                                              "simulation.timeout=60"])
+    import time
+
+    from clients.client_app import inject_fault
+    from fedsim.sampling import PoissonUserSampler
+
+    t0 = time.time()
     run_dir, summary = run_uls(cfg, say=lambda *_: None)
+    assert time.time() - t0 < limit_s  # no hang on a dead worker
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     assert [r["round"] for r in rows] == list(range(1, rounds + 1))
-    assert sum(r["dropped_replies"] for r in rows) > 0  # some workers died
+    # replay the server's cohorts: exactly the users whose worker was killed are lost, each once;
+    # every other user's reply arrives (the dead actor is replaced, not handed the next messages)
+    sampler = PoissonUserSampler(summary["num_users"], summary["q"], seed=cfg.run.seed)
+    kills = []
+    for rnd in range(1, rounds + 1):
+        cohort = sampler.sample()
+        kills.append(sum(inject_fault(cfg.simulation.faults, rnd, [int(u)]) == "kill" for u in cohort))
+        assert rows[rnd - 1]["cohort"] == len(cohort)
+    assert sum(kills) > 0  # some workers died
+    assert [r["dropped_replies"] for r in rows] == kills
     assert all(r["users"] + r["dropped_replies"] == r["cohort"] for r in rows)  # each lost user counted once
     assert all(r["noise_norm"] > 0 for r in rows)
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")

@@ -145,13 +145,18 @@ def _crash_els(out, step, *extra):
     return out / "smoke"
 
 
-def test_els_sigkill_after_noise_then_resume_is_bit_identical(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [
+    [],
+    # LoRA dropout draws from torch's global RNG in train mode: the checkpoint must restore it too
+    ["model.lora.enabled=true", "model.lora.dropout=0.3", "els.accounting_interval=0.1"],
+], ids=["full", "lora-dropout"])
+def test_els_sigkill_after_noise_then_resume_is_bit_identical(tmp_path, capsys, extra):
     from fedsim.account import check_run_dir
     from fedsim.cli import main
     from fedsim.els import run_els
 
-    ref_dir, ref = run_els(load_config("configs/smoke.yaml", _els_overrides(tmp_path / "ref")), say=lambda *_: None)
-    run_dir = _crash_els(tmp_path / "crash", 4)
+    ref_dir, ref = run_els(load_config("configs/smoke.yaml", _els_overrides(tmp_path / "ref", *extra)), say=lambda *_: None)
+    run_dir = _crash_els(tmp_path / "crash", 4, *extra)
     assert json.loads((run_dir / "checkpoint.json").read_text())["step"] == 3
     assert len(PrivacyLedger(run_dir / "privacy_ledger.jsonl")) == 4  # step 4's release was counted
     # `fedsim run --resume` recognises an ELS checkpoint
@@ -183,3 +188,65 @@ def test_els_secure_mode_resume_counts_the_redone_step_again(tmp_path):
     assert res["epsilon"] <= 30 and res["epsilon"] == pytest.approx(
         make_accountant("els_pld", value_discretization_interval=res["accountant_options"]["value_discretization_interval"])
         .epsilon(ledger.total_event(), res["delta"]))
+
+
+# -- security: a config cannot make fedsim import code; nothing is ever unpickled ------------------
+def test_package_model_path_locates_a_package_without_importing_it(tmp_path, monkeypatch):
+    from fedsim.errors import ModelError
+    from fedsim.models.causal_lm import resolve_model_path
+
+    pkg = tmp_path / "fedsim_evil_pkg"
+    (pkg / "sub").mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    (pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_model_path("package:fedsim_evil_pkg") == pkg  # located: its directory, as data
+    assert not marker.exists() and "fedsim_evil_pkg" not in sys.modules  # never imported
+    # a dotted name would import the parent package to find the child: refused; so are modules and junk
+    for bad in ("package:fedsim_evil_pkg.sub", "package:os", "package:no_such_pkg_xyz", "package:../etc", "package:"):
+        with pytest.raises(ModelError, match="not installed"):
+            resolve_model_path(bad)
+    assert not marker.exists() and "fedsim_evil_pkg" not in sys.modules
+
+
+def test_no_code_path_unpickles_or_runs_remote_code():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [f for d in ("fedsim", "server", "clients", "strategies", "bench") for f in (root / d).rglob("*.py")]
+    assert len(files) > 20
+    unsafe = re.compile(r"^\s*(import|from)\s+(pickle|dill|cloudpickle|joblib|marshal)\b|pickle\.loads?\(|yaml\.load\("
+                        r"|yaml\.unsafe_load|allow_pickle\s*=\s*True|read_pickle|trust_remote_code\s*=\s*True"
+                        r"|(?<![.\w])eval\(|(?<![.\w])exec\(|__import__\(", re.M)  # not model.eval()
+    offenders = [f"{f.relative_to(root)}: {m.group(0).strip()}" for f in files for m in unsafe.finditer(f.read_text())]
+    offenders += [f"{f.relative_to(root)}: {m.group(0)}" for f in files
+                  for m in re.finditer(r"torch\.load\([^)]*\)", f.read_text()) if "weights_only=True" not in m.group(0)]
+    assert offenders == []
+
+
+def test_a_compare_directorys_els_run_resumes_with_fedsim_run(tmp_path):
+    """`fedsim compare` writes els/config.yaml with the planned steps; `fedsim run --resume
+    runs/compare/els` rebuilds the same plan (steps, sigma, eval cadence) and finishes it."""
+    import shutil
+
+    from fedsim.compare import run_compare
+    from fedsim.cli import main
+
+    cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "els.k=4", "els.accounting_interval=0.1",
+                                              "els.expected_batch=8", "run.checkpoint_every=1"])
+    out, result = run_compare(cfg, say=lambda *_: None)
+    els = out / "els"
+    ref = tmp_path / "ref"
+    shutil.copytree(els, ref)
+    (els / "summary.json").unlink()  # as if killed after the last checkpoint, before the summary
+    (els / "final_weights.safetensors").unlink()
+    assert main(["run", "--resume", str(els)]) == 0
+    a = load_file(str(ref / "final_weights.safetensors"))
+    b = load_file(str(els / "final_weights.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    s, r = json.loads((els / "summary.json").read_text()), json.loads((ref / "summary.json").read_text())
+    assert (s["steps"], s["epsilon"], s["noise_multiplier"], s["eval_loss_after"]) == \
+           (r["steps"], r["epsilon"], r["noise_multiplier"], r["eval_loss_after"])
+    assert len(PrivacyLedger(els / "privacy_ledger.jsonl")) == s["steps"] == result["els"]["steps"]

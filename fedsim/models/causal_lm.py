@@ -93,6 +93,22 @@ def check_model_source(cfg) -> None:
         raise ModelError(f"GGUF file {p / gguf_file} does not exist (model.gguf_file)")
     if gguf_file is None and not (p / "config.json").is_file():
         raise ModelError(f"{path} is not a model directory (no config.json; for GGUF set model.gguf_file)")
+    if gguf_file is None:  # cheap checks before a run directory exists: a corrupt config, no weights
+        try:
+            json.loads((p / "config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ModelError(f"{p / 'config.json'}: corrupt model config, not JSON ({exc}) (model.path)") from None
+        weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+        if not any((p / w).is_file() for w in weights):
+            raise ModelError(f"{path} has no model weights (none of {', '.join(weights)}) (model.path)")
+        if (p / "model.safetensors").is_file():  # header and sizes only (memory-mapped, nothing loaded)
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(p / "model.safetensors"), framework="pt") as fh:
+                    fh.keys()
+            except Exception as exc:  # safetensors raises its own error types
+                raise ModelError(f"{p / 'model.safetensors'}: corrupt model weights ({exc}) (model.path)") from None
 
 
 def _load_local(path: str, gguf_file: str | None):
