@@ -4,6 +4,7 @@ sum of their individually clipped deltas (one user per node, or a list in scale 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -15,7 +16,8 @@ from fedsim.workers import get_worker
 
 def inject_fault(faults, server_round: int, users: list[int]) -> str | None:
     """Which fault (if any) this message suffers: seeded by (fault seed, round, first user)."""
-    rates = [("raise", faults.raise_rate), ("nan", faults.nan_rate), ("shape", faults.shape_rate), ("kill", faults.kill_rate)]
+    rates = [("raise", faults.raise_rate), ("nan", faults.nan_rate), ("shape", faults.shape_rate),
+             ("kill", faults.kill_rate), ("hang", faults.hang_rate)]
     if not any(r for _, r in rates):
         return None
     u = float(np.random.default_rng([faults.seed, server_round, users[0] if users else -1]).random())
@@ -43,12 +45,14 @@ def handle_train(worker, content: RecordDict) -> RecordDict:
     cfg = content["config"]
     users = [int(u) for u in cfg["user-ids"]]
     server_round = int(cfg["server-round"])
-    # fault injection (tests, demos): a failing client, a NaN or mis-shaped reply, a dying worker
+    # fault injection (tests, demos): a failing client, a NaN or mis-shaped reply, a dying worker, a slow one
     fault = inject_fault(worker.cfg.simulation.faults, server_round, users)
     if fault == "raise":
         raise RuntimeError(f"injected client failure (round {server_round}, users {users[:3]})")
     if fault == "kill" and _in_ray_worker():  # only ever kill a Ray worker process, never the server
         os._exit(17)
+    if fault == "hang":  # a slow client: its reply misses the round when hang_seconds > simulation.timeout
+        time.sleep(worker.cfg.simulation.faults.hang_seconds)
     # train each user, clip each delta, sum
     res = worker.train_users(users, global_flat, server_round)
     if fault == "nan":

@@ -16,12 +16,13 @@ run directories, `compare.json` and `compare.png` (eval loss vs compute spent).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, FedsimError
 
 
 @dataclass(frozen=True)
@@ -152,11 +153,25 @@ def print_table(uls: dict, els: dict, cp: ComputePlan) -> None:
               f" (k={els['k']}, same sigma and delta)")
 
 
-def run_compare(cfg, say=print) -> tuple[Path, dict]:
+def _finished_or_resumed(run_dir: Path, resume, say) -> tuple[Path, dict]:
+    """A method's run directory inside an interrupted comparison: kept when it finished,
+    else continued from its checkpoint (its ledger is never reset)."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        say(f"{run_dir.name}: finished before the interruption; kept")
+        return run_dir, json.loads(summary.read_text(encoding="utf-8"))
+    say(f"{run_dir.name}: resuming from its last checkpoint")
+    return resume(run_dir, say=say)
+
+
+def run_compare(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, dict]:
+    """ULS then ELS at matched (epsilon, delta) and compute. `resume_dir`: an interrupted
+    comparison directory (its config.yaml is `cfg`); a finished method is kept, an interrupted
+    one resumes from its checkpoint, one not yet started runs."""
     from fedsim.data import build_store
-    from fedsim.els import plan_els, run_els
+    from fedsim.els import plan_els, resume_els, run_els
     from fedsim.rundir import RunWriter, create_run_dir
-    from fedsim.simulate import run_uls
+    from fedsim.simulate import resume_uls, run_uls
     from fedsim.uls import plan_uls
 
     t0 = time.time()
@@ -176,16 +191,25 @@ def run_compare(cfg, say=print) -> tuple[Path, dict]:
     say(f"ULS {_noise(uls_plan.mechanism.describe())}; ELS {_noise(els_plan.mechanism.describe())}"
         f" (user-level epsilon {els_plan.planned_epsilon:.4g}, group-privacy bound {_fmt(els_plan.group_epsilon)})")
     # the comparison directory; each method gets a run directory inside it (ULS reuses its calibrated sigma)
-    out = create_run_dir(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": cfg.compare.name})}))
+    if resume_dir is None:
+        out = create_run_dir(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": cfg.compare.name})}))
+    else:
+        out = Path(resume_dir)
     uls_cfg = uls_cfg.model_copy(update={"run": uls_cfg.run.model_copy(update={"output_dir": str(out)})})
     sigma = getattr(uls_plan.mechanism, "noise_multiplier", None)
     if cfg.dp.mechanism == "gaussian" and sigma is not None:
         uls_cfg = uls_cfg.model_copy(update={"dp": uls_cfg.dp.model_copy(update={"noise_multiplier": sigma})})
     els_cfg = els_cfg.model_copy(update={"run": els_cfg.run.model_copy(update={"output_dir": str(out)})})
     # ULS (Flower), then ELS (centralized); evaluations at the same compute fractions
-    uls_dir, uls = run_uls(uls_cfg, say=say)
+    if resume_dir is not None and (out / "uls").is_dir():
+        uls_dir, uls = _finished_or_resumed(out / "uls", resume_uls, say)
+    else:
+        uls_dir, uls = run_uls(uls_cfg, say=say)
     els_every = max(1, round(cp.els_steps * cfg.run.eval_every / cp.uls_rounds))
-    els_dir, els = run_els(els_cfg, say=say, plan=els_plan, eval_every=els_every)
+    if resume_dir is not None and (out / "els").is_dir():
+        els_dir, els = _finished_or_resumed(out / "els", resume_els, say)
+    else:
+        els_dir, els = run_els(els_cfg, say=say, plan=els_plan, eval_every=els_every)
     # results: table, compare.json, plot
     curves = {"ULS": _curve(uls_dir), "ELS": _curve(els_dir)}
     plot_curves(out / "compare.png", curves, f"epsilon={cfg.dp.epsilon}, delta={els['delta']:.3g},"
@@ -210,11 +234,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("config", nargs="?", default="configs/default.yaml", help="experiment YAML (default: configs/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set compare.budget=5000 (repeatable)")
+    p.add_argument("--resume", metavar="COMPARE_DIR",
+                   help="continue an interrupted comparison: keep a finished method, resume the interrupted one")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    resume_dir = None
+    if args.resume:
+        resume_dir = Path(args.resume)
+        if not (resume_dir / "config.yaml").is_file():
+            raise FedsimError(f"{resume_dir} is not a fedsim compare directory (no config.yaml)")
+        if (resume_dir / "compare.json").is_file():
+            raise FedsimError(f"{resume_dir} already finished (compare.json exists); nothing to resume")
+        if args.overrides:
+            raise ConfigError("--resume uses the comparison's own config.yaml; --set cannot change it")
+        cfg = load_config(resume_dir / "config.yaml")
+    else:
+        cfg = load_config(args.config, args.overrides)
     if cfg.dp.epsilon is None or not math.isfinite(cfg.dp.epsilon):
         raise ConfigError("compare needs a privacy budget: set dp.epsilon")
-    out, result = run_compare(cfg)
+    out, result = run_compare(cfg, resume_dir=resume_dir)
     print(f"comparison directory: {out} (compare.json, compare.png, uls/, els/); wall time {result['wall_time_s']:.1f}s")
     for s in (result["uls"], result["els"]):
         if not str(s.get("stop_reason", "")).startswith("completed"):

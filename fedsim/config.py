@@ -153,8 +153,17 @@ class FaultConfig(_Strict):
     nan_rate: float = Field(0.0, ge=0, le=1)  # the client returns a NaN delta sum
     shape_rate: float = Field(0.0, ge=0, le=1)  # the client returns a wrongly shaped array
     kill_rate: float = Field(0.0, ge=0, le=1)  # the worker process dies (only inside a Ray actor)
+    hang_rate: float = Field(0.0, ge=0, le=1)  # the client sleeps `hang_seconds` before replying (a timeout)
+    hang_seconds: float = Field(5.0, gt=0)  # longer than simulation.timeout makes the reply miss its round
     server_crash_round: int | None = Field(None, ge=1)  # the server SIGKILLs itself right after recording this round's release
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _rates_sum_to_at_most_one(self):
+        total = self.raise_rate + self.nan_rate + self.shape_rate + self.kill_rate + self.hang_rate
+        if total > 1:
+            raise ValueError(f"the fault rates add up to {total:g}; a message suffers at most one fault, so at most 1")
+        return self
 
 
 class SimulationConfig(_Strict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from fedsim.errors import FedsimError
@@ -16,7 +17,8 @@ from fedsim.errors import FedsimError
 class InProcessGrid:
     """A Grid that runs the ClientApp handler in this process: for tests and debugging.
 
-    Each message is handled as a Flower node would: an exception becomes an error reply.
+    Each message is handled as a Flower node would: an exception becomes an error reply, a
+    reply slower than the timeout is not returned.
     """
 
     def __init__(self, cfg, num_nodes: int):
@@ -40,11 +42,19 @@ class InProcessGrid:
 
         replies = []
         for msg in messages:
+            t0 = time.monotonic()
             try:
-                content = handle_train(get_worker(self.cfg), msg.content)
-                replies.append(Message(content=content, reply_to=msg))
+                worker = get_worker(self.cfg)  # built once per process, before a node's clock starts
+                t0 = time.monotonic()
+                content = handle_train(worker, msg.content)
+                reply = Message(content=content, reply_to=msg)
             except Exception as exc:  # a failing client is a failed reply, not a crashed server
-                replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+                reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            # Flower returns only the replies that arrive before the round's timeout. Here the
+            # nodes run one after another, so each message gets the whole timeout, as if they ran
+            # at once; a slower one is lost like a late reply.
+            if timeout is None or time.monotonic() - t0 <= timeout:
+                replies.append(reply)
         return replies
 
 

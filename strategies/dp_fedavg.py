@@ -125,6 +125,12 @@ class DPFedAvg(Strategy):
         total = torch.zeros(d, dtype=torch.float32)
         users = examples = clipped = failed_users = 0
         loss_sum, dropped = 0.0, 0
+        replies = list(replies)
+        # a message with no reply timed out (or its node vanished): dropped like a failed one
+        missing = max(0, self._round.get("messages", len(replies)) - len(replies))
+        if missing:
+            log.warning("round %d: %d message(s) got no reply before the timeout", server_round, missing)
+        dropped += missing
         for msg in replies:
             vec, met, why = self._reply_sum(msg, d)
             if vec is None:
@@ -151,7 +157,7 @@ class DPFedAvg(Strategy):
         metrics = {
             "round": server_round, "cohort": self._round.get("cohort", users), "users": users,
             "examples": examples, "train_loss": loss_sum / max(users, 1), "clipped_frac": clipped / max(users, 1),
-            "dropped_replies": dropped, "failed_users": failed_users, "messages": self._round.get("messages", 0),
+            "dropped_replies": dropped, "missing_replies": missing, "failed_users": failed_users, "messages": self._round.get("messages", 0),
             "epsilon": self._round.get("eps_after", float("nan")),
             "update_norm": float(torch.linalg.vector_norm(avg)), **noise_metrics,
         }

@@ -40,11 +40,11 @@ def test_smollm2_lora_two_rounds(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("kill_rate,seed,limit_s", [
-    (0.1, 5, 90),  # fast: one worker killed in round 1 (of 8 messages), rounds 2-3 must then lose nothing
-    pytest.param(0.25, 0, 240, marks=pytest.mark.slow),  # 5 + 1 kills; each replacement actor costs ~10 s here
+@pytest.mark.parametrize("kill_rate,seed", [
+    (0.1, 5),  # fast: one worker killed in round 1 (of 8 messages), rounds 2-3 must then lose nothing
+    pytest.param(0.25, 0, marks=pytest.mark.slow),  # 5 + 1 kills; each replacement actor costs ~10 s here
 ])
-def test_a_ray_worker_dying_mid_round_is_dropped_once_and_the_run_finishes(tmp_path, kill_rate, seed, limit_s):
+def test_a_ray_worker_dying_mid_round_is_dropped_once_and_the_run_finishes(tmp_path, kill_rate, seed):
     """simulation.faults.kill_rate: the client's Ray worker process exits (os._exit) in the
     middle of a round. The round completes with the other replies, the lost one is counted as
     dropped (never twice), the dead actor is replaced (later messages are served), noise is
@@ -54,14 +54,10 @@ def test_a_ray_worker_dying_mid_round_is_dropped_once_and_the_run_finishes(tmp_p
                                               f"run.rounds={rounds}", "uls.expected_cohort=6",
                                               f"simulation.faults.kill_rate={kill_rate}", f"simulation.faults.seed={seed}",
                                               "simulation.timeout=60"])
-    import time
-
     from clients.client_app import inject_fault
     from fedsim.sampling import PoissonUserSampler
 
-    t0 = time.time()
     run_dir, summary = run_uls(cfg, say=lambda *_: None)
-    assert time.time() - t0 < limit_s  # no hang on a dead worker
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     assert [r["round"] for r in rows] == list(range(1, rounds + 1))
     # replay the server's cohorts: exactly the users whose worker was killed are lost, each once;
@@ -74,9 +70,42 @@ def test_a_ray_worker_dying_mid_round_is_dropped_once_and_the_run_finishes(tmp_p
         assert rows[rnd - 1]["cohort"] == len(cohort)
     assert sum(kills) > 0  # some workers died
     assert [r["dropped_replies"] for r in rows] == kills
+    assert all(r["missing_replies"] == 0 for r in rows)  # no message left waiting on a dead actor until the timeout
     assert all(r["users"] + r["dropped_replies"] == r["cohort"] for r in rows)  # each lost user counted once
     assert all(r["noise_norm"] > 0 for r in rows)
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
     assert len(ledger) == rounds
     assert make_accountant("pld").epsilon(ledger.total_event(), summary["delta"]) == pytest.approx(summary["epsilon"])
     assert math.isfinite(summary["eval_loss_after"])
+
+
+def _hangs_per_round(cfg, summary, rounds):
+    """Replay the server's cohorts and count the messages `inject_fault` makes hang."""
+    from clients.client_app import inject_fault
+    from fedsim.sampling import PoissonUserSampler
+
+    sampler = PoissonUserSampler(summary["num_users"], summary["q"], seed=cfg.run.seed)
+    return [sum(inject_fault(cfg.simulation.faults, rnd, [int(u)]) == "hang" for u in sampler.sample())
+            for rnd in range(1, rounds + 1)]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_client_slower_than_the_timeout_is_dropped_on_ray(tmp_path):
+    """simulation.faults.hang_rate on Flower's engine: a hung client's reply misses the round's
+    timeout (Flower returns what arrived), the round is aggregated without it and counts it as
+    missing; its late reply never enters a later round."""
+    rounds = 2
+    cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "simulation.backend=ray",
+                                              f"run.rounds={rounds}", "uls.expected_cohort=6",
+                                              "simulation.faults.hang_rate=0.15", "simulation.faults.seed=4",  # one hang, in round 2
+                                              "simulation.faults.hang_seconds=60", "simulation.timeout=40"])
+    run_dir, summary = run_uls(cfg, say=lambda *_: None)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    hangs = _hangs_per_round(cfg, summary, rounds)
+    assert sum(hangs) > 0
+    assert [r["missing_replies"] for r in rows] == hangs
+    assert [r["dropped_replies"] for r in rows] == hangs
+    assert all(r["users"] + r["dropped_replies"] == r["cohort"] for r in rows)
+    assert all(r["noise_norm"] > 0 for r in rows)
+    assert len(PrivacyLedger(run_dir / "privacy_ledger.jsonl")) == rounds

@@ -104,6 +104,39 @@ def test_injected_client_faults_are_dropped_counted_and_still_noised(tmp_path):
     assert math.isfinite(s["eval_loss_after"])
 
 
+def test_a_client_slower_than_the_timeout_is_dropped_counted_and_still_noised(tmp_path):
+    """simulation.faults.hang_rate: the client sleeps past simulation.timeout; its reply is not
+    returned, the round is aggregated without it (noise added, denominator unchanged) and the
+    lost message is counted as missing and dropped."""
+    from clients.client_app import inject_fault
+    from fedsim.sampling import PoissonUserSampler
+
+    rounds = 3
+    cfg = _cfg(tmp_path, f"run.rounds={rounds}", "run.checkpoint_every=0", "uls.expected_cohort=6",
+               "simulation.faults.hang_rate=0.15", "simulation.faults.seed=1",  # one hang per round
+               "simulation.faults.hang_seconds=2", "simulation.timeout=1")
+    run_dir, s = run_uls(cfg, say=lambda *_: None)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    sampler = PoissonUserSampler(s["num_users"], s["q"], seed=cfg.run.seed)
+    hangs = [sum(inject_fault(cfg.simulation.faults, rnd, [int(u)]) == "hang" for u in sampler.sample())
+             for rnd in range(1, rounds + 1)]
+    assert hangs == [1, 1, 1]
+    assert [r["missing_replies"] for r in rows] == hangs
+    assert [r["dropped_replies"] for r in rows] == hangs
+    assert all(r["users"] + r["dropped_replies"] == r["cohort"] for r in rows)
+    assert all(r["noise_norm"] > 0 for r in rows)
+    assert len(PrivacyLedger(run_dir / "privacy_ledger.jsonl")) == rounds
+    assert make_accountant("pld").epsilon(PrivacyLedger(run_dir / "privacy_ledger.jsonl").total_event(),
+                                          s["delta"]) == pytest.approx(s["epsilon"])
+
+
+def test_fault_rates_adding_up_to_more_than_one_are_refused():
+    from fedsim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="add up to 1.2"):
+        load_config("configs/smoke.yaml", ["simulation.faults.raise_rate=0.6", "simulation.faults.hang_rate=0.6"])
+
+
 @pytest.mark.slow
 def test_soak_200_rounds_with_dropped_and_nan_clients(tmp_path):
     import math
@@ -250,3 +283,37 @@ def test_a_compare_directorys_els_run_resumes_with_fedsim_run(tmp_path):
     assert (s["steps"], s["epsilon"], s["noise_multiplier"], s["eval_loss_after"]) == \
            (r["steps"], r["epsilon"], r["noise_multiplier"], r["eval_loss_after"])
     assert len(PrivacyLedger(els / "privacy_ledger.jsonl")) == s["steps"] == result["els"]["steps"]
+
+
+def test_compare_killed_in_uls_then_in_els_resumes_to_the_uninterrupted_result(tmp_path):
+    """`fedsim compare --resume DIR`: a comparison SIGKILLed after a ULS round's release, and
+    again (on the first resume) after an ELS step's release, ends with the same weights,
+    epsilons and eval losses as an uninterrupted comparison (reproducible mode), and each
+    ledger holds each release once."""
+    from fedsim.cli import main
+
+    overrides = ["els.k=2", "els.expected_batch=8", "run.checkpoint_every=1",
+                 "els.accounting_interval=0.1", "dp.accountant=rdp"]  # quick calibrations
+    ref_out, ref = __import__("fedsim.compare", fromlist=["run_compare"]).run_compare(
+        load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path / 'ref'}", *overrides]), say=lambda *_: None)
+    crash = [f"run.output_dir={tmp_path / 'crash'}", *overrides, "simulation.faults.server_crash_round=2"]
+    code = ("import sys; sys.path.insert(0, '.'); from fedsim.cli import main;"
+            f"main(['compare', 'configs/smoke.yaml'] + [a for o in {crash!r} for a in ('--set', o)])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == -9, p.stderr[-2000:]  # killed in ULS round 2
+    out = next((tmp_path / "crash").iterdir())
+    assert (out / "uls").is_dir() and not (out / "els").exists()
+    p = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, '.'); from fedsim.cli import main;"
+                        f"main(['compare', '--resume', {str(out)!r}])"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == -9, p.stderr[-2000:]  # ULS finished; the fresh ELS run was killed at step 2
+    assert (out / "uls" / "summary.json").is_file() and not (out / "els" / "summary.json").exists()
+    assert main(["compare", "--resume", str(out)]) == 0
+    res = json.loads((out / "compare.json").read_text())
+    for m in ("uls", "els"):
+        a = load_file(str(ref_out / m / "final_weights.safetensors"))
+        b = load_file(str(out / m / "final_weights.safetensors"))
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), m
+        assert (res[m]["epsilon"], res[m]["eval_loss_after"]) == (ref[m]["epsilon"], ref[m]["eval_loss_after"])
+    assert len(PrivacyLedger(out / "uls" / "privacy_ledger.jsonl")) == res["uls"]["rounds"]
+    assert len(PrivacyLedger(out / "els" / "privacy_ledger.jsonl")) == res["els"]["steps"]
+    assert main(["compare", "--resume", str(out)]) == 2  # finished: nothing to resume, a clear error

@@ -8,6 +8,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from fedsim.config import load_config
 from fedsim.privacy import GaussianMechanism, PrivacyLedger
 from fedsim.privacy.accounting import make_accountant
 from fedsim.privacy.budget import PrivacyBudget
@@ -149,3 +150,26 @@ def test_uls_run_with_lmo_noise_uses_the_faithful_accountant(tmp_path):
     expected = faithful_epsilon(LmoParams.from_dict(lmo), q=s["q"], steps=3, delta=s["delta"], dimension=d)
     assert s["epsilon"] == pytest.approx(expected, rel=1e-6)
     assert make_accountant("lmo_faithful").epsilon(ledger.total_event(), s["delta"]) == pytest.approx(s["epsilon"])
+
+
+def test_a_users_delta_with_dropout_depends_only_on_seed_round_and_user(tmp_path):
+    """LoRA dropout draws from torch's global RNG: `train_user` seeds it from (seed, round, user),
+    so the delta does not depend on what ran before in the worker (another user, a resume)."""
+    import torch
+
+    from fedsim.training.local import train_user, user_generator
+    from fedsim.workers import get_worker
+
+    cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "model.lora.enabled=true", "model.lora.dropout=0.5"])
+    worker = get_worker(cfg)
+    w0 = worker.task.flat.get().clone()
+    ex = worker.store.train_examples(3)
+
+    def delta(global_rng_seed):
+        torch.manual_seed(global_rng_seed)  # whatever state an earlier user or process left behind
+        return train_user(worker.task, w0, ex, cfg.uls, user_generator(cfg.run.seed, 2, 3)).delta
+
+    a, b = delta(0), delta(12345)
+    assert torch.equal(a, b)
+    other = train_user(worker.task, w0, ex, cfg.uls, user_generator(cfg.run.seed, 3, 3)).delta
+    assert not torch.equal(a, other)  # another round: other batches and other dropout masks

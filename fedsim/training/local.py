@@ -2,7 +2,8 @@
 
 The caller clips the delta (`per_user_clip`); this module never sees privacy
 parameters. Batches are drawn from the user's examples with a generator seeded by
-(run seed, round, user), so a user's update is reproducible whichever worker runs it.
+(run seed, round, user), and torch's global RNG (dropout) is seeded from it, so a user's
+update is reproducible whichever worker runs it and across a resume.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def train_user(task, global_flat: torch.Tensor, examples, uls, gen: torch.Genera
     """Reset to the global weights, run the client optimizer on the user's batches, return the delta."""
     flat = task.flat
     flat.set(global_flat)
+    # dropout (e.g. LoRA dropout) draws from torch's global RNG: seed it from the user's generator
+    # so a user's delta depends on (seed, round, user) only, not on which worker ran it or on a
+    # resume (torch.manual_seed also seeds CUDA devices)
+    torch.manual_seed(int(gen.initial_seed()) ^ 0x5EED)
     examples = cap_examples(examples, uls.max_examples_per_user, gen)
     batches = local_batches(len(examples), uls.batch_size, uls.local_epochs, uls.local_steps, gen)
     opt = None
