@@ -71,6 +71,8 @@ def _one_error_line(capsys) -> str:
     ({"config.json": b"{}", "model.safetensors": b"garbage" * 10}, "model.safetensors: corrupt model weights"),
     ({"config.json": b"{}", "model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":{\"dtype\":\"F32\","
       b"\"shape\":[4],\"data_offsets\":[0,16]}}" + b"\x00" * 4}, "model.safetensors: corrupt model weights"),  # truncated
+    ({"config.json": b"{}", "model.safetensors": b"\x02\x00\x00\x00\x00\x00\x00\x00{}", "tokenizer.json": b'{"model": '},
+     "tokenizer.json: corrupt tokenizer file"),
 ])
 def test_corrupt_model_directory_is_a_clear_error(tmp_path, capsys, files, needle):
     model = tmp_path / "broken-model"

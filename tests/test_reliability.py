@@ -22,15 +22,21 @@ def _cfg(out, *extra):
                                               "run.eval_every=3", *extra])
 
 
-def test_sigkill_after_noise_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("extra", [
+    [],
+    # LoRA dropout draws from torch's global RNG: clients seed it per (seed, round, user)
+    ["model.lora.enabled=true", "model.lora.dropout=0.3"],
+])
+def test_sigkill_after_noise_then_resume_is_bit_identical(tmp_path, extra):
     # uninterrupted reference run
-    ref_dir, ref = run_uls(_cfg(tmp_path / "ref"), say=lambda *_: None)
+    ref_dir, ref = run_uls(_cfg(tmp_path / "ref", *extra), say=lambda *_: None)
     # the same run, SIGKILLed right after round 4's release is recorded (before its checkpoint)
     crash_out = tmp_path / "crash"
+    overrides = [f"run.output_dir={crash_out}", f"run.rounds={ROUNDS}", "run.checkpoint_every=1", "run.eval_every=3",
+                 "simulation.faults.server_crash_round=4", *extra]
     code = ("import sys; sys.path.insert(0, '.');"
             "from fedsim.config import load_config; from fedsim.simulate import run_uls;"
-            f"run_uls(load_config('configs/smoke.yaml', ['run.output_dir={crash_out}', 'run.rounds={ROUNDS}',"
-            " 'run.checkpoint_every=1', 'run.eval_every=3', 'simulation.faults.server_crash_round=4']), say=lambda *_: None)")
+            f"run_uls(load_config('configs/smoke.yaml', {overrides!r}), say=lambda *_: None)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == -9, p.stderr[-2000:]
     run_dir = crash_out / "smoke"

@@ -109,6 +109,12 @@ def check_model_source(cfg) -> None:
                     fh.keys()
             except Exception as exc:  # safetensors raises its own error types
                 raise ModelError(f"{p / 'model.safetensors'}: corrupt model weights ({exc}) (model.path)") from None
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # JSON tokenizer files
+            if (p / name).is_file():
+                try:
+                    json.loads((p / name).read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise ModelError(f"{p / name}: corrupt tokenizer file, not JSON ({exc}) (model.path)") from None
 
 
 def _load_local(path: str, gguf_file: str | None):
