@@ -380,3 +380,23 @@ def test_cli_run_dir_missing_ledger(tmp_path, capsys):
     (tmp_path / "summary.json").write_text(json.dumps({"epsilon": 1.0, "delta": 1e-5, "accountant": "pld"}))
     code, _, err = _run_cli(capsys, str(tmp_path))
     assert code == 2 and err.startswith("error: ") and "privacy_ledger.jsonl" in err
+
+
+@pytest.mark.parametrize("q,sigma", [(0.05, 1.0), (0.01, 0.7), (0.3, 2.0)])
+def test_memoised_pld_equals_dp_accountings_pld_accountant_bit_for_bit(q, sigma):
+    """fedsim's PLD accountant builds each subsampled-Gaussian PLD once (the budget guard asks
+    every round); epsilon and delta must be exactly dp_accounting's, whatever the event mix."""
+    from dp_accounting.pld import pld_privacy_accountant
+
+    from fedsim.privacy.accounting import make_accountant
+
+    unit = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
+    other = dp_event.PoissonSampledDpEvent(q / 2, dp_event.LaplaceDpEvent(3.0))  # goes through the library path
+    acc = make_accountant("pld")
+    for event in [dp_event.SelfComposedDpEvent(unit, n) for n in (1, 2, 7, 100)] + [
+            dp_event.ComposedDpEvent([dp_event.SelfComposedDpEvent(unit, 5), other,
+                                      dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(2 * sigma))])]:
+        ref = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+        ref.compose(event)
+        assert acc.epsilon(event, 1e-5) == ref.get_epsilon(1e-5)
+        assert acc.delta(event, 1.0) == ref.get_delta(1.0)

@@ -104,6 +104,9 @@ def _tiny_run(tmp_path, users: int, name: str):
         # (20/10^3 vs 20/10^5), which would blur the population effect this test looks for
         "dp.accountant=rdp",
     ])
+    from fedsim.privacy.accounting import _subsampled_gaussian_pld
+
+    _subsampled_gaussian_pld.cache_clear()  # every run builds its own PLDs (the summary's PLD epsilon), as a fresh process would
     tracemalloc.start()
     try:
         _, summary = run_uls(cfg, say=lambda *_: None)

@@ -19,6 +19,7 @@ This is where a run's epsilon is computed: `compute_epsilon(ledger_event, delta,
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -139,6 +140,35 @@ class _DpAccountingBackend(Accountant):
         return float(acc.get_delta(epsilon))
 
 
+@functools.lru_cache(maxsize=8)  # the budget guard needs one or two; calibration searches would fill more
+def _subsampled_gaussian_pld(noise_multiplier: float, q: float, interval: float, relation):
+    """dp_accounting's PLD of one Poisson-subsampled Gaussian release, built exactly as its
+    `PLDAccountant` builds it. Building it is most of an epsilon query (~0.12 s at q=0.05,
+    interval 1e-3, while composing it 200 times costs ~0.02 s) and the budget guard asks every
+    round with the same release, so it is built once per setting. PLDs are immutable
+    (`compose`/`self_compose` return new objects), so sharing one is safe."""
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+    return pld_lib.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier, value_discretization_interval=interval,
+        sampling_prob=q, neighboring_relation=relation)
+
+
+class _MemoPLDAccountant(pld_privacy_accountant.PLDAccountant):
+    """dp_accounting's PLDAccountant with the subsampled-Gaussian PLD memoised; every other
+    event goes through the library unchanged. Same numbers, bit for bit (tested)."""
+
+    def _maybe_compose(self, event, count, do_compose):
+        if (do_compose and isinstance(event, dp_event.PoissonSampledDpEvent)
+                and isinstance(event.event, dp_event.GaussianDpEvent)
+                and event.sampling_probability != 0 and event.event.noise_multiplier != 0):
+            unit = _subsampled_gaussian_pld(float(event.event.noise_multiplier), float(event.sampling_probability),
+                                            self._value_discretization_interval, self.neighboring_relation)
+            self._pld = self._pld.compose(unit.self_compose(count))
+            return None
+        return super()._maybe_compose(event, count, do_compose)
+
+
 class PldAccountant(_DpAccountingBackend):
     """dp_accounting PLD (add/remove neighbours), pessimistic discretisation.
 
@@ -153,9 +183,7 @@ class PldAccountant(_DpAccountingBackend):
         self.value_discretization_interval = value_discretization_interval
 
     def _make(self) -> dpa.PrivacyAccountant:
-        return pld_privacy_accountant.PLDAccountant(
-            value_discretization_interval=self.value_discretization_interval
-        )
+        return _MemoPLDAccountant(value_discretization_interval=self.value_discretization_interval)
 
 
 class RdpAccountant(_DpAccountingBackend):
