@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,14 +105,10 @@ def main() -> int:
     users = statistics.median(x["users"] for x in steady)
     examples = statistics.median(x["examples"] for x in steady)
     ex_s = examples / sec
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
+    from provenance import provenance
+
     out = {
-        "bench": "gpt2_small_lora", "date": time.strftime("%Y-%m-%d"), "commit": commit,
-        "machine": f"{os.cpu_count()} shared CPU cores", "torch_threads": args.threads,
+        "bench": "gpt2_small_lora", **provenance(), "torch_threads": args.threads,
         "model": {"n_layer": a.n_layer, "n_embd": a.n_embd, "n_head": a.n_head, "vocab_size": a.vocab_size,
                   "context": T, "parameters": n_params, "lora_r": cfg.model.lora.r,
                   "lora_targets": cfg.model.lora.target_modules, "trainable_weights": n_train,

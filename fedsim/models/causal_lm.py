@@ -94,10 +94,7 @@ def check_model_source(cfg) -> None:
     if gguf_file is None and not (p / "config.json").is_file():
         raise ModelError(f"{path} is not a model directory (no config.json; for GGUF set model.gguf_file)")
     if gguf_file is None:  # cheap checks before a run directory exists: a corrupt config, no weights
-        try:
-            json.loads((p / "config.json").read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ModelError(f"{p / 'config.json'}: corrupt model config, not JSON ({exc}) (model.path)") from None
+        _check_json(p / "config.json", "model config")
         weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
         if not any((p / w).is_file() for w in weights):
             raise ModelError(f"{path} has no model weights (none of {', '.join(weights)}) (model.path)")
@@ -111,10 +108,14 @@ def check_model_source(cfg) -> None:
                 raise ModelError(f"{p / 'model.safetensors'}: corrupt model weights ({exc}) (model.path)") from None
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # JSON tokenizer files
             if (p / name).is_file():
-                try:
-                    json.loads((p / name).read_text(encoding="utf-8"))
-                except (UnicodeDecodeError, ValueError) as exc:
-                    raise ModelError(f"{p / name}: corrupt tokenizer file, not JSON ({exc}) (model.path)") from None
+                _check_json(p / name, "tokenizer file")
+
+
+def _check_json(path: Path, what: str) -> None:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(f"{path}: corrupt {what}, not JSON ({exc}) (model.path)") from None
 
 
 def _load_local(path: str, gguf_file: str | None):
