@@ -4,7 +4,7 @@ For each trainer, runs with ``run.checkpoint_every=1`` and with checkpoints off 
 interleaved (off, on, off, on, ...) and repeated. Two figures per trainer:
 
 * ``ratio_loop_median`` (``_min``, ``_max``: the spread over the repetitions): per interleaved
-  pair, the training loop's wall time (sum of the round/step times in metrics.jsonl plus the
+  pair, the training loop's wall time (sum of the round/step times in diagnostics.jsonl plus the
   checkpoint writes; model build and the first evaluation excluded) with checkpoints on / off;
 * ``ratio_direct``: (median round time + median ``save_checkpoint`` time) / median round
   time, timing every ``save_checkpoint`` call of the "on" runs (less noisy on a shared
@@ -65,7 +65,9 @@ def one_run(method: str, every: int, out: Path, rounds: int) -> dict:
             key = "step"
     finally:
         ck.save_checkpoint = original
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from fedsim.rundir import read_diagnostics
+
+    rows = read_diagnostics(run_dir)  # wall times are simulation diagnostics
     times = [r["time"] for r in rows if r.get(key, 0) > 0 and "time" in r]
     return {"every": every, "wall_s": s["wall_time_s"], "loop_s": sum(times) + sum(saves),
             "median_round_s": statistics.median(times), "saves": len(saves),
@@ -82,12 +84,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    import os
-    import subprocess
+    from provenance import provenance
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    result = {"date": time.strftime("%Y-%m-%d"), "commit": commit or None,
-              "machine": f"{os.cpu_count()} CPU cores shared", "reps": args.reps, "trainers": {}}
+    result = {**provenance(), "reps": args.reps, "trainers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for method, n in (("ULS", args.uls_rounds), ("ELS", args.els_steps)):
             runs = {0: [], 1: []}

@@ -53,7 +53,9 @@ def measure(task, batch, method: str, reps: int, clip: float, sigma: float = 1.0
 
     clipper = make_clipper(task, method)
     mech = GaussianMechanism(clip, sigma)
-    gen = torch.Generator().manual_seed(0)
+    from fedsim.privacy.randomness import SecretRandomness
+
+    noise = SecretRandomness.secure().stream("els-noise", 0)  # one stream, consumed across steps
     opt = ServerOptimizer(task.flat.get(), "sgd", 1e-6)  # tiny lr: the weights barely move between timings
     n = batch["input_ids"].shape[0]
 
@@ -63,7 +65,7 @@ def measure(task, batch, method: str, reps: int, clip: float, sigma: float = 1.0
 
     def els():
         clipper.clip_and_accumulate(batch, clip)
-        noisy, _ = mech.add_noise(task.flat.flat_grad, gen)
+        noisy, _ = mech.add_noise(task.flat.flat_grad, noise)
         task.flat.set(opt.step(noisy.div(-n)))
 
     try:

@@ -30,7 +30,6 @@ Prints one JSON object, also written to bench/out/gpt2_small_lora.json.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -57,6 +56,27 @@ def flops_per_example(n_layer: int, d: int, vocab: int, T: int, lora_r: int, lor
     }
 
 
+def build_worker(threads: int):
+    """(cfg, store, task, CohortWorker) of the workload: configs/gpu.yaml on the CPU in float32,
+    342,477 synthetic users of 8 training sequences."""
+    import torch
+
+    from fedsim.config import load_config
+    from fedsim.data import build_store
+    from fedsim.models import build_task
+    from fedsim.training.worker import CohortWorker
+
+    torch.set_num_threads(threads)
+    cfg = load_config(ROOT / "configs" / "gpu.yaml", [
+        "run.device=cpu", "model.dtype=float32", "simulation.backend=inprocess", "simulation.num_gpus=0",
+        "data.num_users=342477", "data.examples_per_user=10", "data.test_fraction=0.2",  # 8 train + 2 held out
+        "uls.max_examples_per_user=8", "uls.batch_size=8", "uls.local_epochs=1", f"run.threads={threads}",
+    ])
+    store = build_store(cfg.data)
+    task = build_task(cfg, store, log=lambda *_: None)
+    return cfg, store, task, CohortWorker(task, store, cfg)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -66,24 +86,10 @@ def main() -> int:
     args = ap.parse_args()
 
     import numpy as np
-    import torch
 
-    from fedsim.config import load_config
-    from fedsim.data import build_store
-    from fedsim.models import build_task
-    from fedsim.training.worker import CohortWorker
-
-    torch.set_num_threads(args.threads)
-    cfg = load_config(ROOT / "configs" / "gpu.yaml", [
-        "run.device=cpu", "model.dtype=float32", "simulation.backend=inprocess", "simulation.num_gpus=0",
-        "data.num_users=342477", "data.examples_per_user=10", "data.test_fraction=0.2",  # 8 train + 2 held out
-        "uls.max_examples_per_user=8", "uls.batch_size=8", "uls.local_epochs=1", f"run.threads={args.threads}",
-    ])
-    T, a = cfg.data.seq_len, cfg.model.arch
     t0 = time.perf_counter()
-    store = build_store(cfg.data)
-    task = build_task(cfg, store, log=lambda *_: None)
-    worker = CohortWorker(task, store, cfg)
+    cfg, store, task, worker = build_worker(args.threads)
+    T, a = cfg.data.seq_len, cfg.model.arch
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in task.model.parameters())
     n_train = task.flat.numel
@@ -105,7 +111,7 @@ def main() -> int:
     users = statistics.median(x["users"] for x in steady)
     examples = statistics.median(x["examples"] for x in steady)
     ex_s = examples / sec
-    from provenance import provenance
+    from provenance import provenance, write_result
 
     out = {
         "bench": "gpt2_small_lora", **provenance(), "torch_threads": args.threads,
@@ -122,9 +128,7 @@ def main() -> int:
         "achieved_model_flops_per_s": ex_s * fl["lora_train"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out, indent=1))
+    write_result(out, args.out)
     return 0
 
 

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import integrate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,9 +84,10 @@ def bound_checks(p: LmoParams, seed: int = 0) -> dict:
     tab = divergence_table(p, u, SPARSE_ORDERS)
     out["ratio_sup_over_limit"] = float(np.max((tab / u**2).max(axis=1) / (SPARSE_ORDERS * fisher / 2)))
     # Monte Carlo in 2-D at the worst angle, alpha = 2, 3: E_{z~P0}[(p(z)/p(z-x))^{a-1}] from sampled noise
-    gen = torch.Generator().manual_seed(seed)
+    from fedsim.privacy.randomness import SecretRandomness
+
     n = 1 << 21
-    z = sample_lmo_noise(p, (n, 2), gen, "cpu", torch.float64).numpy()
+    z = sample_lmo_noise(p, SecretRandomness.from_seed(seed).stream("lmo-table", 0), 2 * n).reshape(n, 2).numpy()
     mc = []
     for a, entry in zip(orders[:2], out["d2"][:2]):
         phi = math.radians(entry["worst_angle_deg"])

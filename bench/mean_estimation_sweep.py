@@ -4,7 +4,9 @@
 
 For every heterogeneity h, compute budget B (per-example gradient evaluations) and
 user-level epsilon (same delta for both), each method is tuned over a small grid and its
-best mean final excess loss ||w - mu||^2 / 2 (over seeds) is kept:
+best mean final excess loss ||w - mu||^2 / 2 (over seeds) is kept (choosing the best setting
+by its final loss is NOT private: no accountant covers the tuning, as in the paper's study;
+each reported epsilon is that of one run at the chosen setting):
   ULS: expected cohort c and examples per sampled user m_u (rounds = B / (c m_u E)),
        clip C, server lr;
   ELS: examples per user k and expected batch b (steps = B / b), clip C, lr.

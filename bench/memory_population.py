@@ -46,14 +46,15 @@ def _rss_mb() -> float:
 
 
 def _rounds(store, cohort: float, rounds: int, seed: int) -> dict:
-    from fedsim.sampling import PoissonUserSampler
+    from fedsim.privacy.randomness import SecretRandomness
+    from fedsim.sampling import PoissonSampler
 
     q = min(1.0, cohort / store.num_users)
-    sampler = PoissonUserSampler(store.num_users, q, seed)
+    sampler = PoissonSampler(store.num_users, q, SecretRandomness.from_seed(seed), "uls-cohort")
     t0 = time.perf_counter()
     sizes, examples, nbytes = [], 0, 0
-    for _ in range(rounds):
-        users = sampler.sample()
+    for rnd in range(1, rounds + 1):
+        users = sampler.sample(rnd)
         sizes.append(int(users.size))
         for u in users.tolist():
             for ex in (store.train_examples(u), store.test_examples(u)):

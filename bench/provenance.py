@@ -17,3 +17,12 @@ def provenance() -> dict:
     except OSError:  # no git
         commit = None
     return {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": f"{os.cpu_count()} shared CPU cores"}
+
+
+def write_result(out: dict, path: str | Path) -> None:
+    """Write a bench result as JSON to `path` (bench/out/...) and print it."""
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1))

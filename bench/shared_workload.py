@@ -113,7 +113,8 @@ def run_floor(args, compile_model: bool = False) -> dict:
     from fedsim.config import load_config
     from fedsim.data import build_store
     from fedsim.models import build_task
-    from fedsim.sampling import PoissonUserSampler
+    from fedsim.privacy.randomness import SecretRandomness
+    from fedsim.sampling import PoissonSampler
     from fedsim.training.local import local_batches, user_generator
 
     torch.set_num_threads(1)
@@ -123,13 +124,13 @@ def run_floor(args, compile_model: bool = False) -> dict:
     model, flat = task.model, task.flat
     if compile_model:
         model = torch.compile(model)
-    sampler = PoissonUserSampler(store.num_users, COHORT / store.num_users, seed=0)
+    sampler = PoissonSampler(store.num_users, COHORT / store.num_users, SecretRandomness.from_seed(0), "uls-cohort")
     noise_gen = torch.Generator().manual_seed(7919)
     w = flat.get()
     times, cohorts = [], []
     for rnd in range(1, ROUNDS + 1):
         t0 = time.perf_counter()
-        cohort = sampler.sample()
+        cohort = sampler.sample(rnd)
         acc = torch.zeros_like(w)
         for u in cohort.tolist():
             gen = user_generator(0, rnd, u)
@@ -166,7 +167,9 @@ def run_fedsim(args, variant: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, workload_overrides(tmp) + extra + [f"run.name={variant}"])
         run_dir, _ = run_uls(cfg, say=lambda *_: None)
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        from fedsim.rundir import read_diagnostics
+
+        rows = read_diagnostics(run_dir)  # per-round wall time and realised cohort: simulation diagnostics
     rows = [r for r in rows if r.get("round", 0) >= 1]
     return {"round_times": [r["time"] for r in rows], "cohorts": [r["users"] for r in rows],
             "messages": [r.get("messages") for r in rows]}

@@ -14,13 +14,14 @@ from flwr.clientapp import ClientApp
 from fedsim.workers import get_worker
 
 
-def inject_fault(faults, server_round: int, users: list[int]) -> str | None:
-    """Which fault (if any) this message suffers: seeded by (fault seed, round, first user)."""
-    rates = [("raise", faults.raise_rate), ("nan", faults.nan_rate), ("shape", faults.shape_rate),
-             ("kill", faults.kill_rate), ("hang", faults.hang_rate)]
+def inject_fault(faults, server_round: int, message_key: int) -> str | None:
+    """Which fault (if any) this message suffers: seeded by (fault seed, round, message key),
+    the key being the user (one user per message) or the user-id bucket (cohort workers), so
+    a message's fate never depends on who else was sampled."""
+    rates = faults.rates()
     if not any(r for _, r in rates):
         return None
-    u = float(np.random.default_rng([faults.seed, server_round, users[0] if users else -1]).random())
+    u = float(np.random.default_rng([faults.seed, server_round, int(message_key)]).random())
     acc = 0.0
     for kind, rate in rates:
         acc += rate
@@ -46,9 +47,10 @@ def handle_train(worker, content: RecordDict) -> RecordDict:
     users = [int(u) for u in cfg["user-ids"]]
     server_round = int(cfg["server-round"])
     # fault injection (tests, demos): a failing client, a NaN or mis-shaped reply, a dying worker, a slow one
-    fault = inject_fault(worker.cfg.simulation.faults, server_round, users)
+    key = int(cfg["message-key"]) if "message-key" in cfg else (users[0] if users else -1)
+    fault = inject_fault(worker.cfg.simulation.faults, server_round, key)
     if fault == "raise":
-        raise RuntimeError(f"injected client failure (round {server_round}, users {users[:3]})")
+        raise RuntimeError(f"injected client failure (round {server_round})")  # no user ids: the cohort is secret
     if fault == "kill" and _in_ray_worker():  # only ever kill a Ray worker process, never the server
         os._exit(17)
     if fault == "hang":  # a slow client: its reply misses the round when hang_seconds > simulation.timeout

@@ -1,17 +1,19 @@
 """Atomic checkpoints: tensors in safetensors, everything else in JSON. Never pickle.
 
 Layout in a run directory:
-  checkpoint-r{round}.safetensors  trainable weights, optimizer tensors, (reproducible mode) noise RNG state,
-                                   other RNG states (`rng.*`, e.g. torch's global RNG for dropout in ELS)
-  checkpoint.json                  round, sampler RNG state, optimizer hyper-parameters, tensor file name + sha256
+  checkpoint-r{round}.safetensors  trainable weights, optimizer tensors, public RNG states (`rng.*`, e.g.
+                                   torch's global RNG for dropout in ELS)
+  checkpoint.json                  round, optimizer hyper-parameters, tensor file name + sha256
 
 The tensor file is written first (temp file + rename) under a new name, then the JSON
 pointer is replaced atomically, then older tensor files are removed: a crash at any
 point leaves a JSON that points to a complete tensor file. A pointer whose tensor file
 is missing or has the wrong hash is a corrupt checkpoint (FedsimError naming the file).
 
-The noise generator state is written only in reproducible mode: with OS-entropy noise,
-whoever holds the state could regenerate and subtract the noise from released models.
+No secret randomness is ever written: the cohorts, example samples and noise come from
+`SecretRandomness` (privacy/randomness.py), whose draws are a function of a key and the
+round, never of a generator state. A secure run's key lives only in its process (a resume
+gets a fresh one); a reproducible run's key is re-derived from run.seed.
 """
 
 from __future__ import annotations
@@ -58,17 +60,14 @@ def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
 
 
 def save_checkpoint(run_dir: Path, *, step: int, weights: torch.Tensor, optimizer_state: dict,
-                    sampler_state: dict | None, noise_state: torch.Tensor | None, extra: dict | None = None,
-                    rng_states: dict[str, torch.Tensor] | None = None) -> Path:
-    """`rng_states`: other generator states to restore (e.g. torch's global RNG, which drives
-    dropout), stored as tensors `rng.<name>`; never the noise generator's (see `noise_state`)."""
+                    extra: dict | None = None, rng_states: dict[str, torch.Tensor] | None = None) -> Path:
+    """`rng_states`: public generator states to restore (e.g. torch's global RNG, which drives
+    dropout), stored as tensors `rng.<name>`."""
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
     opt_tensors, opt_meta = _split_optimizer_state(optimizer_state)
     tensors = {"weights": weights.detach().cpu().contiguous(), **opt_tensors}
-    if noise_state is not None:
-        tensors["noise_rng_state"] = noise_state.detach().cpu().contiguous()
     for key, st in (rng_states or {}).items():
         tensors[f"rng.{key}"] = st.detach().cpu().contiguous()
     name = f"checkpoint-r{step}.safetensors"
@@ -78,7 +77,7 @@ def save_checkpoint(run_dir: Path, *, step: int, weights: torch.Tensor, optimize
         os.fsync(fh.fileno())
     os.replace(tmp, run_dir / name)
     pointer = {"step": step, "tensors": name, "sha256": _sha256(run_dir / name), "optimizer": opt_meta,
-               "sampler_state": sampler_state, "has_noise_state": noise_state is not None, **(extra or {})}
+               **(extra or {})}
     atomic_write_text(run_dir / POINTER, json.dumps(pointer, indent=1))
     for old in run_dir.glob("checkpoint-r*.safetensors"):
         if old.name != name:
@@ -112,7 +111,6 @@ def load_checkpoint(run_dir: Path) -> dict:
         int(meta["step"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise FedsimError(f"{ptr}: corrupt checkpoint pointer (missing or malformed {exc})") from None
-    meta["noise_state"] = tensors.get("noise_rng_state")
     meta["rng_states"] = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
     return meta
 
@@ -132,13 +130,10 @@ def checkpoint_method(run_dir) -> str:
 
 
 def checkpoint_if_due(cfg, run_dir: Path, step: int, *, weights: torch.Tensor, optimizer_state: dict,
-                      sampler_state: dict | None, noise_generator: torch.Generator, extra: dict | None = None,
-                      rng_states: dict[str, torch.Tensor] | None = None) -> bool:
-    """Write a checkpoint when `run.checkpoint_every` divides `step`; the noise RNG state only in
-    reproducible mode (see the module docstring). Returns whether one was written."""
+                      extra: dict | None = None, rng_states: dict[str, torch.Tensor] | None = None) -> bool:
+    """Write a checkpoint when `run.checkpoint_every` divides `step`. Returns whether one was written."""
     if not (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
         return False
-    save_checkpoint(run_dir, step=step, weights=weights, optimizer_state=optimizer_state, sampler_state=sampler_state,
-                    noise_state=noise_generator.get_state() if cfg.dp.reproducible else None, extra=extra,
+    save_checkpoint(run_dir, step=step, weights=weights, optimizer_state=optimizer_state, extra=extra,
                     rng_states=rng_states)
     return True

@@ -94,9 +94,11 @@ def plan_compute(cfg, store) -> ComputePlan:
 
 
 def _curve(run_dir: Path) -> list[tuple[float, float]]:
-    from fedsim.rundir import read_metrics
+    from fedsim.rundir import read_diagnostics
 
-    return [(float(r.get("compute", 0)), float(r["eval_loss"])) for r in read_metrics(run_dir) if r.get("eval_loss") is not None]
+    # a simulation diagnostic (eval on the private users' held-out text, realised compute)
+    return [(float(r.get("compute", 0)), float(r["eval_loss"])) for r in read_diagnostics(run_dir)
+            if r.get("eval_loss") is not None]
 
 
 def plot_curves(path: Path, curves: dict[str, list[tuple[float, float]]], title: str) -> None:
@@ -153,9 +155,11 @@ def print_table(uls: dict, els: dict, cp: ComputePlan) -> None:
               f" (k={els['k']}, same sigma and delta)")
 
 
-def _finished_or_resumed(run_dir: Path, resume, say) -> tuple[Path, dict]:
-    """A method's run directory inside an interrupted comparison: kept when it finished,
-    else continued from its checkpoint (its ledger is never reset)."""
+def _run_or_resume(run_dir: Path, resuming: bool, start, resume, say) -> tuple[Path, dict]:
+    """One method of a comparison: `start()` it, or, when resuming and its run directory
+    exists, keep it if it finished, else continue it from its checkpoint (its ledger is never reset)."""
+    if not (resuming and run_dir.is_dir()):
+        return start()
     summary = run_dir / "summary.json"
     if summary.is_file():
         say(f"{run_dir.name}: finished before the interruption; kept")
@@ -201,15 +205,11 @@ def run_compare(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, d
         uls_cfg = uls_cfg.model_copy(update={"dp": uls_cfg.dp.model_copy(update={"noise_multiplier": sigma})})
     els_cfg = els_cfg.model_copy(update={"run": els_cfg.run.model_copy(update={"output_dir": str(out)})})
     # ULS (Flower), then ELS (centralized); evaluations at the same compute fractions
-    if resume_dir is not None and (out / "uls").is_dir():
-        uls_dir, uls = _finished_or_resumed(out / "uls", resume_uls, say)
-    else:
-        uls_dir, uls = run_uls(uls_cfg, say=say)
+    resuming = resume_dir is not None
+    uls_dir, uls = _run_or_resume(out / "uls", resuming, lambda: run_uls(uls_cfg, say=say), resume_uls, say)
     els_every = max(1, round(cp.els_steps * cfg.run.eval_every / cp.uls_rounds))
-    if resume_dir is not None and (out / "els").is_dir():
-        els_dir, els = _finished_or_resumed(out / "els", resume_els, say)
-    else:
-        els_dir, els = run_els(els_cfg, say=say, plan=els_plan, eval_every=els_every)
+    els_dir, els = _run_or_resume(out / "els", resuming,
+                                  lambda: run_els(els_cfg, say=say, plan=els_plan, eval_every=els_every), resume_els, say)
     # results: table, compare.json, plot
     curves = {"ULS": _curve(uls_dir), "ELS": _curve(els_dir)}
     plot_curves(out / "compare.png", curves, f"epsilon={cfg.dp.epsilon}, delta={els['delta']:.3g},"

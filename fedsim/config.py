@@ -74,7 +74,10 @@ class ModelConfig(_Strict):
 
 
 class UlsConfig(_Strict):
-    expected_cohort: float = Field(50.0, gt=0)  # q * N: expected users per round (q = expected_cohort / users)
+    expected_cohort: float = Field(50.0, gt=0)  # q * N: expected users per round (q = expected_cohort / users); the update's public denominator
+    # q set directly (then the population size N need not be public): each user joins a round with
+    # this probability, and the sum is still divided by expected_cohort (a public constant)
+    sampling_rate: float | None = Field(None, gt=0, le=1)
     local_epochs: int = Field(1, ge=1)  # passes over the user's examples (unless local_steps is set)
     local_steps: int | None = Field(None, ge=1)  # fixed number of local batches instead of epochs
     max_examples_per_user: int | None = Field(None, ge=1)  # cap a user's training examples (seeded choice)
@@ -97,7 +100,10 @@ class ElsConfig(_Strict):
     """ELS: centralized DP-SGD with example-level Poisson sampling and a user-level accountant."""
 
     k: int = Field(16, ge=1)  # examples kept per user (seeded choice); the group size of the user-level accountant
-    expected_batch: float = Field(64.0, gt=0)  # q * (capped examples): expected examples per step
+    expected_batch: float = Field(64.0, gt=0)  # q * (capped examples): expected examples per step; the public denominator
+    # q set directly (then the number of kept examples need not be public); the noisy sum is
+    # still divided by expected_batch (a public constant)
+    sampling_rate: float | None = Field(None, gt=0, le=1)
     steps: int | None = Field(None, ge=1)  # planned steps; None: match ULS's planned compute (see compare.budget)
     clip_norm: float | None = Field(None, gt=0)  # per-example gradient L2 clip C (None: dp.clip_norm)
     optimizer: Literal["sgd", "momentum", "adam"] = "sgd"  # the server-optimizer family ULS uses, on the noisy mean gradient
@@ -143,7 +149,10 @@ class DpConfig(_Strict):
     accountant: Literal["pld", "rdp", "prv", "edgeworth", "lmo_faithful"] = "pld"  # the accountant that reports epsilon
     mechanism: Literal["gaussian", "lmo"] = "gaussian"
     lmo: dict[str, Any] | None = None  # lmo: parameters, or {"search": path-to-search-result.json}
-    reproducible: bool = False  # seed the noise from run.seed (tests only); default: OS entropy
+    # true: cohorts, ELS samples and noise are derived from run.seed (tests and debugging only: anyone
+    # with config.yaml can regenerate them, so the reported epsilon does not hold); false: a fresh
+    # 256-bit OS-entropy key per process (fedsim/privacy/randomness.py)
+    reproducible: bool = False
 
 
 class FaultConfig(_Strict):
@@ -158,9 +167,13 @@ class FaultConfig(_Strict):
     server_crash_round: int | None = Field(None, ge=1)  # the server SIGKILLs itself right after recording this round's release
     seed: int = 0
 
+    def rates(self) -> list[tuple[str, float]]:
+        """(fault kind, rate) of every per-message fault, in the order `inject_fault` draws them."""
+        return [(kind, getattr(self, f"{kind}_rate")) for kind in ("raise", "nan", "shape", "kill", "hang")]
+
     @model_validator(mode="after")
     def _rates_sum_to_at_most_one(self):
-        total = self.raise_rate + self.nan_rate + self.shape_rate + self.kill_rate + self.hang_rate
+        total = sum(rate for _, rate in self.rates())
         if total > 1:
             raise ValueError(f"the fault rates add up to {total:g}; a message suffers at most one fault, so at most 1")
         return self

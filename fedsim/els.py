@@ -3,9 +3,11 @@
 Each user keeps at most k of its training examples (a seeded choice, `cap_examples`).
 One step:
   1. the budget guard checks that one more release fits (it stops the run otherwise);
-  2. every kept example joins the batch independently with probability q (Poisson;
-     the batch may be empty, and then only noise is released);
-  3. per-example gradients are clipped to C and summed (`training/per_example.py`);
+  2. every kept example joins the batch independently with probability q (Poisson,
+     drawn from the secret randomness source, `privacy/randomness.py`; the batch may be
+     empty, and then only noise is released);
+  3. per-example gradients are clipped to C and summed (`training/per_example.py`); an
+     example whose gradient is not finite contributes zero (dropped and counted);
   4. the release is written to the ledger, then the mechanism adds its noise to the sum;
   5. the noisy sum is divided by the *expected* batch size q M (a fixed denominator
      keeps the sensitivity C / (q M); Opacus does the same) and the optimizer steps.
@@ -109,7 +111,8 @@ def plan_els(cfg, store, steps: int | None = None, group_bound: bool = True) -> 
 
         steps = plan_compute(cfg, store).els_steps
     users, index = kept_examples(store, ec.k, cfg.run.seed)
-    q = sampling_rate(ec.expected_batch, users.size, ec.k)
+    # q: els.sampling_rate if set, else expected_batch / M (M, the kept-example count, is then public)
+    q = ec.sampling_rate if ec.sampling_rate is not None else sampling_rate(ec.expected_batch, users.size, ec.k)
     delta, warnings = resolve_delta(cfg, store.num_users)
     check_delta(delta, "dp.delta")
     clip = ec.clip_norm if ec.clip_norm is not None else dp.clip_norm
@@ -175,7 +178,8 @@ def clipped_sum(clipper, task, texts: list, clip_norm: float, micro_batch: int):
         parts.append(clipper.clip_and_accumulate(task.batch(texts[i : i + micro_batch]), clip_norm))
         total.add_(task.flat.flat_grad)
     task.flat.flat_grad.copy_(total)
-    return ClipResult(torch.cat([p.norms for p in parts]), torch.cat([p.losses for p in parts]))
+    return ClipResult(torch.cat([p.norms for p in parts]), torch.cat([p.losses for p in parts]),
+                      sum(p.dropped for p in parts))
 
 
 def resume_els(run_dir: str | Path, say=print) -> tuple[Path, dict]:
@@ -190,20 +194,21 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
             eval_every: int | None = None, resume: bool = False) -> tuple[Path, dict]:
     """Run ELS for the planned steps (or until the budget stops it); returns (run directory, summary).
 
-    ``resume=True`` continues `run_dir` from its checkpoint (weights, optimizer, example
-    sampler, step and compute counters; the noise RNG only in reproducible mode). The ledger
-    is never reset: a step recorded before the crash is counted, and its replay is the
-    identical release only when the noise RNG was restored (reproducible mode)."""
+    ``resume=True`` continues `run_dir` from its checkpoint (weights, optimizer, step and
+    compute counters, torch's global RNG for dropout). The ledger is never reset: a step
+    recorded before the crash is counted; its replay is the identical release only in
+    reproducible mode (the same key re-draws the same sample and noise). A secure resume
+    has a fresh key: the re-done step is a new release and is counted again."""
     from fedsim.checkpoint import checkpoint_if_due, load_checkpoint
     from fedsim.data import build_store, eval_examples
     from fedsim.models import build_task
     from fedsim.privacy.budget import PrivacyBudget
     from fedsim.privacy.els_accounting import ElsPldAccountant, els_step_event
     from fedsim.privacy.ledger import PrivacyLedger
-    from fedsim.privacy.mechanisms import make_noise_generator
+    from fedsim.privacy.randomness import SecretRandomness
     from fedsim.progress import RoundProgress
-    from fedsim.rundir import RunWriter, create_run_dir, read_metrics, split_metrics_for_resume
-    from fedsim.sampling import PoissonUserSampler
+    from fedsim.rundir import RunWriter, create_run_dir, read_diagnostics, split_metrics_for_resume
+    from fedsim.sampling import PoissonSampler
     from fedsim.training.per_example import make_clipper
     from fedsim.training.server_opt import ServerOptimizer
 
@@ -228,8 +233,9 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
     budget = PrivacyBudget(ledger, plan.accountant or ElsPldAccountant(plan.accounting_interval), plan.delta,
                            plan.target_epsilon)
-    noise_gen, noise_source = make_noise_generator(task.device, cfg.run.seed + 7919 if cfg.dp.reproducible else None)
-    sampler = PoissonUserSampler(plan.num_examples, plan.q, seed=cfg.run.seed)
+    # every secret draw (example sample, noise) of this process: a fresh OS-entropy key unless reproducible
+    randomness = SecretRandomness.for_run(cfg.dp.reproducible, cfg.run.seed)
+    sampler = PoissonSampler(plan.num_examples, plan.q, randomness, "els-sample")
     opt = ServerOptimizer(task.flat.get(), cfg.els.optimizer, cfg.els.lr, cfg.els.momentum)
     step_event = els_step_event(plan.mechanism.dp_event(), plan.k, plan.q)
     clip = plan.mechanism.clip_norm
@@ -238,25 +244,23 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
         f" {plan.expected_batch:g}), {plan.steps} steps, {task.flat.numel:,} trainable weights, per-example:"
         f" {clipper.name}, {plan.mechanism.describe()}, target user-level epsilon={plan.target_epsilon}, delta={plan.delta:.3g}")
     stop_reason, steps_done, compute, eps, start = "completed planned steps", 0, 0, 0.0, 1
-    replay_identical = False  # a re-done step is the identical release only with the noise RNG restored
+    replay_identical = False  # a re-done step is the identical release only in reproducible mode
     if ckpt is None:
         before = task.evaluate(evalset)
         writer.append_metrics({"step": 0, "compute": 0, "eval_loss": before["loss"],
                                "eval_perplexity": before["perplexity"], "epsilon": 0.0})
     else:
-        # restore weights, optimizer, example sampler and (reproducible mode only) noise RNG
+        # restore weights and optimizer; no secret state exists to restore (samples and noise of
+        # later steps come from this process's key: fresh unless reproducible)
         task.flat.set(ckpt["weights"].to(task.flat.flat.device, task.flat.flat.dtype))
         opt = ServerOptimizer(task.flat.get(), cfg.els.optimizer, cfg.els.lr, cfg.els.momentum)
         opt.load_state_dict(ckpt["optimizer_state"])
-        sampler.set_state(ckpt["sampler_state"])
-        if ckpt["noise_state"] is not None and cfg.dp.reproducible:
-            noise_gen.set_state(ckpt["noise_state"])
-            replay_identical = True
+        replay_identical = randomness.reproducible
         start, steps_done, compute = ckpt["step"] + 1, ckpt["step"], int(ckpt.get("compute", 0))
         if "torch" in ckpt.get("rng_states", {}):  # torch's global RNG: dropout (LoRA / local models) in train mode
             torch.set_rng_state(ckpt["rng_states"]["torch"])
         split_metrics_for_resume(run_dir, ckpt["step"], key="step")
-        first = read_metrics(run_dir)[0]
+        first = read_diagnostics(run_dir)[0]
         before = {"loss": first["eval_loss"], "perplexity": first["eval_perplexity"]}
         say(f"resuming after step {ckpt['step']} ({len(ledger)} releases in the ledger)")
     after = before
@@ -276,25 +280,33 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
                 stop_reason = str(exc)
                 say(f"stopping: {exc}")
                 break
-            # Poisson sample of examples (possibly empty)
-            texts = plan.texts(store, sampler.sample())
+            # secret Poisson sample of examples (possibly empty)
+            texts = plan.texts(store, sampler.sample(step))
             # forward / backward: sum of per-example gradients clipped to C (zero if the batch is empty)
             res = clipped_sum(clipper, task, texts, clip, cfg.els.micro_batch)
-            # record the release, then noise the sum
-            ledger.record(step, step_event, replay_identical=replay_identical, batch=len(texts))
+            # record the release (the event only: the realised batch is a diagnostic), then noise the sum
+            ledger.record(step, step_event, replay_identical=replay_identical)
             if crash_step == step:  # fault injection: die at the worst moment (release counted, not applied)
                 import os
                 import signal
 
                 os.kill(os.getpid(), signal.SIGKILL)
-            noisy, noise_metrics = plan.mechanism.add_noise(task.flat.flat_grad, noise_gen)
+            signal_norm = float(torch.linalg.vector_norm(task.flat.flat_grad))  # a diagnostic: the unnoised sum
+            noisy, noise_metrics = plan.mechanism.add_noise(task.flat.flat_grad, randomness.stream("els-noise", step))
             # divide by the expected batch size and step (pseudo-delta = -gradient estimate)
-            task.flat.set(opt.step(noisy.div(-plan.expected_batch)))
+            update = noisy.div(-plan.expected_batch)
+            task.flat.set(opt.step(update))
             compute += len(texts)
-            row = {"step": step, "batch": len(texts), "compute": compute, "epsilon": eps,
-                   "train_loss": float(res.losses.mean()) if res.size else None,
-                   "clipped_frac": res.clipped_fraction(clip),
-                   "grad_norm_median": float(res.norms.median()) if res.size else None, **noise_metrics}
+            finite = res.norms[torch.isfinite(res.norms)]
+            row = {
+                # released (covered by the guarantee): public plan values and the noisy update
+                "step": step, "epsilon": eps, "q": plan.q, "expected_batch": plan.expected_batch,
+                "update_norm": float(torch.linalg.vector_norm(update)), **noise_metrics,
+                # simulation diagnostics (computed from unnoised user data; diagnostics.jsonl)
+                "batch": len(texts), "compute": compute, "dropped_examples": res.dropped,
+                "train_loss": float(res.losses[torch.isfinite(res.losses)].mean()) if finite.numel() else None,
+                "clipped_frac": res.clipped_fraction(clip),
+                "grad_norm_median": float(finite.median()) if finite.numel() else None, "signal_norm": signal_norm}
             # evaluate every eval_every steps and at the end
             if step % eval_every == 0 or step == plan.steps:
                 after = task.evaluate(evalset)
@@ -303,9 +315,8 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
             row["time"] = time.time() - t0
             writer.append_metrics(row)
             steps_done = step
-            # atomic checkpoint (weights, optimizer, sampler; noise RNG only when reproducible)
+            # atomic checkpoint (weights, optimizer, dropout RNG; never any secret randomness)
             checkpoint_if_due(cfg, run_dir, step, weights=task.flat.get(), optimizer_state=opt.state_dict(),
-                              sampler_state=sampler.state(), noise_generator=noise_gen,
                               extra={"method": "ELS", "compute": compute, "eval_every": eval_every},
                               rng_states={"torch": torch.get_rng_state()})
             progress.update(step, eps, row.get("eval_loss"))
@@ -321,7 +332,8 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
         "expected_batch": plan.expected_batch, "epsilon": eps, "target_epsilon": plan.target_epsilon,
         "delta": plan.delta, **plan.accountant_summary(),
         "group_privacy_epsilon": plan.group_epsilon, "mechanism": plan.mechanism.describe(),
-        "noise_multiplier": getattr(plan.mechanism, "noise_multiplier", None), "noise_source": noise_source,
+        "noise_multiplier": getattr(plan.mechanism, "noise_multiplier", None), "noise_source": randomness.source,
+        "randomness": randomness.describe(),
         "per_example": clipper.name, "optimizer": cfg.els.optimizer, "lr": cfg.els.lr,
         "trust_model": "central DP: a trusted server sees per-example clipped gradients",
         "eval_loss_before": before["loss"], "eval_perplexity_before": before["perplexity"],

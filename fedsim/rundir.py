@@ -1,4 +1,16 @@
-"""Run directories: resolved config, metrics.jsonl, summary.json, weights. Atomic writes."""
+"""Run directories: resolved config, metrics.jsonl, diagnostics.jsonl, summary.json, weights.
+Atomic writes.
+
+Per-round rows are split by what the DP guarantee covers (`RELEASED_FIELDS`):
+  metrics.jsonl      released: the round/step, epsilon spent, the plan's public values (q,
+                     expected cohort or batch, noise std) and values computed from the
+                     released (noisy) update. A deployment may publish it with the models.
+  diagnostics.jsonl  simulation only, outside the guarantee: everything computed from
+                     unnoised user data (train loss, clipped fraction, realised cohort and
+                     example counts, signal norm, failures, eval loss on the private users'
+                     held-out text, wall time). Its first line says so; never publish it.
+A field is released only if it is listed: anything new lands in the diagnostics.
+"""
 
 from __future__ import annotations
 
@@ -46,13 +58,46 @@ def create_run_dir(cfg) -> Path:
     return path
 
 
+#: per-round fields covered by the guarantee (public plan values, or computed from the release)
+RELEASED_FIELDS = frozenset({
+    "round", "step", "epsilon", "q", "expected_cohort", "expected_batch", "noise_std", "expected_noise_norm",
+    "update_norm",
+})
+#: the first line of diagnostics.jsonl
+DIAGNOSTICS_HEADER = {
+    "diagnostics": "SIMULATION ONLY - OUTSIDE THE DIFFERENTIAL-PRIVACY GUARANTEE. Every value here is computed from"
+                   " unnoised user data (losses, clipped fractions, realised cohort and example counts, norms,"
+                   " failures, evaluation on the private users' held-out text, wall time). A deployment must not"
+                   " publish this file.",
+}
+METRICS, DIAGNOSTICS = "metrics.jsonl", "diagnostics.jsonl"
+
+
+def split_row(row: dict) -> tuple[dict, dict]:
+    """(released, diagnostic) parts of one per-round row; both keep its round/step key."""
+    key = {k: row[k] for k in ("round", "step") if k in row}
+    released = {k: v for k, v in row.items() if k in RELEASED_FIELDS}
+    diagnostic = {**key, **{k: v for k, v in row.items() if k not in RELEASED_FIELDS}}
+    return released, diagnostic
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(_jsonable(row)) + "\n")
+
+
 class RunWriter:
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def append_metrics(self, row: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_jsonable(row)) + "\n")
+        """One round's row: released fields to metrics.jsonl, the rest to diagnostics.jsonl."""
+        released, diagnostic = split_row(row)
+        _append_jsonl(self.path / METRICS, released)
+        diag = self.path / DIAGNOSTICS
+        if not diag.exists():
+            _append_jsonl(diag, DIAGNOSTICS_HEADER)
+        _append_jsonl(diag, diagnostic)
 
     def write_json(self, name: str, obj: dict) -> None:
         atomic_write_text(self.path / name, json.dumps(_jsonable(obj), indent=2) + "\n")
@@ -66,24 +111,35 @@ class RunWriter:
         os.replace(tmp, target)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    p = Path(path) / "metrics.jsonl"
+def _read_rows(p: Path) -> list[dict]:
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if "diagnostics" not in r]  # the header
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The released per-round rows (metrics.jsonl)."""
+    return _read_rows(Path(path) / METRICS)
+
+
+def read_diagnostics(path: Path) -> list[dict]:
+    """The simulation-only per-round rows (diagnostics.jsonl, header skipped)."""
+    return _read_rows(Path(path) / DIAGNOSTICS)
 
 
 def split_metrics_for_resume(run_dir: Path, step: int, key: str = "round") -> None:
-    """Keep metrics rows up to the checkpoint's `step` (by `key`); move later rows (a crashed
-    timeline) to metrics.crashed.jsonl, never delete them."""
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.exists():
-        return
-    keep, later = [], []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            (keep if json.loads(line).get(key, 0) <= step else later).append(line)
-    if later:
-        with open(Path(run_dir) / "metrics.crashed.jsonl", "a", encoding="utf-8") as fh:
-            fh.write("\n".join(later) + "\n")
-    atomic_write_text(p, "\n".join(keep) + ("\n" if keep else ""))
+    """In metrics.jsonl and diagnostics.jsonl, keep the rows up to the checkpoint's `step` (by
+    `key`); move later rows (a crashed timeline) to <name>.crashed.jsonl, never delete them."""
+    for name in (METRICS, DIAGNOSTICS):
+        p = Path(run_dir) / name
+        if not p.exists():
+            continue
+        keep, later = [], []
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                (keep if json.loads(line).get(key, 0) <= step else later).append(line)
+        if later:
+            with open(p.with_name(p.stem + ".crashed.jsonl"), "a", encoding="utf-8") as fh:
+                fh.write("\n".join(later) + "\n")
+        atomic_write_text(p, "\n".join(keep) + ("\n" if keep else ""))

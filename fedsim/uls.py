@@ -33,6 +33,10 @@ def default_delta(num_users: int) -> float:
 
 
 def resolve_delta(cfg, num_users: int) -> tuple[float, list[str]]:
+    if cfg.dp.delta is None and (cfg.uls.sampling_rate is not None or cfg.els.sampling_rate is not None):
+        # the default delta is a function of N: it would put the population size back into the output
+        raise ConfigError("uls.sampling_rate / els.sampling_rate keep N out of the mechanism: set dp.delta"
+                          " explicitly too (the default min(1e-5, 1/N^1.1) depends on N)")
     delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(num_users)
     warnings = []
     if delta >= 1.0 / num_users:
@@ -41,6 +45,10 @@ def resolve_delta(cfg, num_users: int) -> tuple[float, list[str]]:
 
 
 def sampling_rate(cfg, num_users: int) -> float:
+    """q: `uls.sampling_rate` if set, else expected_cohort / N (N, the population size, is then
+    treated as public)."""
+    if cfg.uls.sampling_rate is not None:
+        return cfg.uls.sampling_rate
     q = cfg.uls.expected_cohort / num_users
     if q > 1:
         raise ConfigError(f"uls.expected_cohort={cfg.uls.expected_cohort:g} is larger than the {num_users} users (q={q:.3g} > 1)")

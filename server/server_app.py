@@ -3,7 +3,6 @@ rounds, evaluates centrally on held-out examples, and writes the run directory."
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,10 +18,9 @@ from fedsim.models import build_task
 from fedsim.privacy.accounting import make_accountant
 from fedsim.privacy.budget import PrivacyBudget
 from fedsim.privacy.ledger import PrivacyLedger
-from fedsim.privacy.mechanisms import make_noise_generator
+from fedsim.privacy.randomness import SecretRandomness
 from fedsim.progress import RoundProgress
-from fedsim.rundir import RunWriter, split_metrics_for_resume
-from fedsim.sampling import PoissonUserSampler
+from fedsim.rundir import RunWriter, read_diagnostics, split_metrics_for_resume
 from fedsim.training.server_opt import ServerOptimizer
 from fedsim.uls import plan_uls
 from strategies.dp_fedavg import DPFedAvg
@@ -63,27 +61,25 @@ def run_server(grid: Grid, cfg, run_dir: Path, say=print, resume: bool = False) 
         say(f"warning: {w}")
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
     budget = PrivacyBudget(ledger, make_accountant(plan.accountant), plan.delta, plan.target_epsilon)
-    noise_gen, noise_source = make_noise_generator("cpu", cfg.run.seed + 7919 if cfg.dp.reproducible else None)
+    # every secret draw (cohort, noise) of this process: a fresh OS-entropy key unless reproducible
+    randomness = SecretRandomness.for_run(cfg.dp.reproducible, cfg.run.seed)
     w = task.flat.get().cpu()
-    sampler = PoissonUserSampler(store.num_users, plan.q, seed=cfg.run.seed)
     server_opt = ServerOptimizer(w, cfg.uls.server_optimizer, cfg.uls.server_lr, cfg.uls.server_momentum)
     start_round, compute = 1, 0
     if ckpt is not None:
-        # restore weights, server optimizer, sampler and (reproducible mode only) noise RNG
+        # restore weights and server optimizer; no secret state exists to restore (the cohorts and
+        # noise of later rounds come from this process's key: fresh unless reproducible)
         w = ckpt["weights"].clone()
         server_opt = ServerOptimizer(w, cfg.uls.server_optimizer, cfg.uls.server_lr, cfg.uls.server_momentum)
         server_opt.load_state_dict(ckpt["optimizer_state"])
-        sampler.set_state(ckpt["sampler_state"])
-        if ckpt["noise_state"] is not None and cfg.dp.reproducible:
-            noise_gen.set_state(ckpt["noise_state"])
         start_round, compute = ckpt["step"] + 1, int(ckpt.get("compute", 0))
         split_metrics_for_resume(run_dir, ckpt["step"], key="round")
         say(f"resuming after round {ckpt['step']} ({len(ledger)} releases in the ledger)")
     strategy = DPFedAvg(
         num_users=store.num_users, sampling_rate=plan.q, mechanism=plan.mechanism,
-        server_optimizer=server_opt, budget=budget, sampler=sampler,
-        noise_generator=noise_gen, users_per_client=cfg.uls.users_per_client,
-        replay_identical=ckpt is not None and cfg.dp.reproducible and ckpt["noise_state"] is not None,
+        server_optimizer=server_opt, budget=budget, randomness=randomness,
+        users_per_client=cfg.uls.users_per_client, expected_cohort=cfg.uls.expected_cohort,
+        replay_identical=ckpt is not None,
         crash_after_record_round=None if ckpt is not None else cfg.simulation.faults.server_crash_round,
     )
     say(f"ULS: {store.num_users} users, q={plan.q:.4g} (expected cohort {plan.q * store.num_users:.1f}),"
@@ -93,7 +89,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, say=print, resume: bool = False) 
         before = task.evaluate(evalset)
         writer.append_metrics({"round": 0, "eval_loss": before["loss"], "eval_perplexity": before["perplexity"], "epsilon": 0.0})
     else:
-        first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+        first = read_diagnostics(run_dir)[0]
         before = {"loss": first["eval_loss"], "perplexity": first["eval_perplexity"]}
     stop_reason, rounds_done = "completed planned rounds", start_round - 1
     after = before
@@ -124,9 +120,9 @@ def run_server(grid: Grid, cfg, run_dir: Path, say=print, resume: bool = False) 
             row["time"] = time.time() - t0
             writer.append_metrics(row)
             rounds_done = rnd
-            # atomic checkpoint (weights, optimizer, sampler; noise RNG only when reproducible)
+            # atomic checkpoint (weights, optimizer; never any secret randomness)
             checkpoint_if_due(cfg, run_dir, rnd, weights=w, optimizer_state=server_opt.state_dict(),
-                              sampler_state=sampler.state(), noise_generator=noise_gen, extra={"compute": compute})
+                              extra={"compute": compute})
             progress.update(rnd, row.get("epsilon", float("nan")), row.get("eval_loss"))
     task.flat.set(w)
     after = task.evaluate(evalset)
@@ -136,10 +132,10 @@ def run_server(grid: Grid, cfg, run_dir: Path, say=print, resume: bool = False) 
     wall = time.time() - t_start
     summary = {
         "method": "ULS", "rounds": rounds_done, "planned_rounds": cfg.run.rounds, "stop_reason": stop_reason,
-        "num_users": store.num_users, "q": plan.q, "expected_cohort": plan.q * store.num_users,
+        "num_users": store.num_users, "q": plan.q, "expected_cohort": cfg.uls.expected_cohort,
         "epsilon": eps, "target_epsilon": plan.target_epsilon, "delta": plan.delta, "accountant": plan.accountant,
         "mechanism": plan.mechanism.describe(), "noise_multiplier": getattr(plan.mechanism, "noise_multiplier", None),
-        "noise_source": noise_source, "trust_model": "central DP: a trusted server sees per-user clipped deltas",
+        "noise_source": randomness.source, "randomness": randomness.describe(), "trust_model": "central DP: a trusted server sees per-user clipped deltas",
         "eval_loss_before": before["loss"], "eval_perplexity_before": before["perplexity"],
         "eval_loss_after": after["loss"], "eval_perplexity_after": after["perplexity"],
         "compute_examples": compute, "trainable_weights": task.flat.numel, "wall_time_s": wall,

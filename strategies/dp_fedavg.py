@@ -2,12 +2,14 @@
 
 One round (DESIGN.md, "One ULS round"):
 1. `configure_train`: the budget guard checks that one more release fits; a Poisson(q)
-   cohort of users is drawn; its users are sent, with the current trainable weights,
+   cohort of users is drawn from the secret randomness source
+   (`fedsim/privacy/randomness.py`); its users are sent, with the current trainable weights,
    to Flower nodes (one user per node, or lists of users to cohort workers).
 2. Clients reply with the *sum of individually clipped deltas* and a user count.
 3. `aggregate_train`: replies that failed, are non-finite, mis-shaped or exceed the
    norm their count allows are dropped (counted in metrics); the release is written to
-   the ledger *before* noise is drawn; noise from the mechanism is added to the sum;
+   the ledger *before* noise is drawn; noise from the mechanism (secret keystream) is added
+   to the sum;
    the result is divided by the *expected* cohort size qN (a fixed denominator keeps the
    sensitivity C/(qN)); the server optimizer steps.
 
@@ -17,6 +19,7 @@ What the server sees: clipped per-user deltas (central DP, trusted server).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 
@@ -29,25 +32,36 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim.privacy.budget import PrivacyBudget
 from fedsim.privacy.mechanisms import NoiseMechanism
-from fedsim.sampling import PoissonUserSampler
+from fedsim.privacy.randomness import SecretRandomness
+from fedsim.sampling import PoissonSampler
 from fedsim.training.server_opt import ServerOptimizer
 
 log = logging.getLogger("fedsim")
 
 
-def assign_users_to_nodes(cohort: np.ndarray, node_ids: list[int], users_per_client: int) -> list[tuple[int, list[int]]]:
-    """Split the cohort into groups of at most `users_per_client` users, round-robin over nodes.
+def assign_users_to_nodes(cohort: np.ndarray, node_ids: list[int], users_per_client: int,
+                          num_buckets: int | None = None) -> list[tuple[int, int, list[int]]]:
+    """(node id, message key, users) of each message of a round.
 
-    With one user per client and one node per user (num nodes == num users) user u goes to
-    the u-th node, so a user is always served by the same Flower node.
+    One user per message (`users_per_client == 1`): user u goes to node u mod #nodes, keyed u.
+    Cohort workers: user u belongs to bucket u mod B, whatever else was sampled, one message
+    per non-empty bucket (B = `num_buckets`, about expected cohort / users_per_client; a
+    bucket holds Binomial-many users around users_per_client), bucket b to node b mod #nodes.
+    A user's message never depends on who else was sampled, so a lost message (a dead
+    worker, a timeout) removes a set of users fixed by their ids: between neighbouring
+    datasets the summed sets differ by one user at most, and the sensitivity stays C. (Slicing
+    the sorted cohort, the old way, shifted every later user when one more was sampled.)
     """
     if len(node_ids) == 0:
         raise RuntimeError("no Flower nodes are connected")
     users = [int(u) for u in cohort]
     if users_per_client == 1:
-        return [(node_ids[u % len(node_ids)], [u]) for u in users]
-    groups = [users[i : i + users_per_client] for i in range(0, len(users), users_per_client)]
-    return [(node_ids[i % len(node_ids)], g) for i, g in enumerate(groups)]
+        return [(node_ids[u % len(node_ids)], u, [u]) for u in users]
+    buckets = max(1, int(num_buckets or 1))
+    groups: dict[int, list[int]] = {}
+    for u in users:
+        groups.setdefault(u % buckets, []).append(u)
+    return [(node_ids[b % len(node_ids)], b, g) for b, g in sorted(groups.items())]
 
 
 class DPFedAvg(Strategy):
@@ -59,20 +73,25 @@ class DPFedAvg(Strategy):
         mechanism: NoiseMechanism,
         server_optimizer: ServerOptimizer,
         budget: PrivacyBudget,
-        sampler: PoissonUserSampler,
-        noise_generator: torch.Generator,
+        randomness: SecretRandomness,
         users_per_client: int = 1,
+        expected_cohort: float | None = None,
         replay_identical: bool = False,
         crash_after_record_round: int | None = None,
     ):
         if not 0 < sampling_rate <= 1:
             raise ValueError("The sampling rate should be in (0, 1].")
         self.num_users, self.q = num_users, sampling_rate
-        self.expected_cohort = sampling_rate * num_users
+        # the public denominator: uls.expected_cohort (= qN unless q is set directly)
+        self.expected_cohort = expected_cohort if expected_cohort is not None else sampling_rate * num_users
         self.mechanism, self.server_opt, self.budget = mechanism, server_optimizer, budget
-        self.sampler, self.noise_gen = sampler, noise_generator
+        # the cohort and the noise: both from the one secret source (keystreams per round)
+        self.randomness = randomness
+        self.sampler = PoissonSampler(num_users, sampling_rate, randomness, "uls-cohort")
         self.users_per_client = users_per_client
-        self.replay_identical = replay_identical  # reproducible resume: re-done rounds are identical releases
+        # a reproducible resume re-draws the same cohort and noise: re-done rounds are identical
+        # releases. A secure resume has a fresh key: a re-done round is a new release, counted.
+        self.replay_identical = replay_identical and randomness.reproducible
         self.crash_round = crash_after_record_round  # fault injection: the worst moment to die
         self.round_event = dp_event.PoissonSampledDpEvent(sampling_rate, mechanism.dp_event())
         self._round: dict = {}
@@ -87,14 +106,15 @@ class DPFedAvg(Strategy):
             eps_after = self.budget.spent()  # re-doing an identical, already counted release
         else:
             eps_after = self.budget.check(self.round_event)  # raises BudgetExceededError: never overspend
-        cohort = self.sampler.sample()
+        cohort = self.sampler.sample(server_round)
         node_ids = sorted(grid.get_node_ids())
-        groups = assign_users_to_nodes(cohort, node_ids, self.users_per_client)
+        buckets = math.ceil(self.expected_cohort / self.users_per_client)
+        groups = assign_users_to_nodes(cohort, node_ids, self.users_per_client, buckets)
         self._round = {"round": server_round, "cohort": len(cohort), "eps_after": eps_after, "t0": time.time(),
                        "messages": len(groups)}
         messages = []
-        for node_id, users in groups:
-            cfg = ConfigRecord({**dict(config), "server-round": server_round, "user-ids": users})
+        for node_id, key, users in groups:
+            cfg = ConfigRecord({**dict(config), "server-round": server_round, "user-ids": users, "message-key": key})
             messages.append(Message(content=RecordDict({"arrays": arrays, "config": cfg}),
                                     message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
@@ -124,13 +144,12 @@ class DPFedAvg(Strategy):
         d = weights.numel()
         total = torch.zeros(d, dtype=torch.float32)
         users = examples = clipped = failed_users = 0
-        loss_sum, dropped = 0.0, 0
         replies = list(replies)
         # a message with no reply timed out (or its node vanished): dropped like a failed one
         missing = max(0, self._round.get("messages", len(replies)) - len(replies))
         if missing:
             log.warning("round %d: %d message(s) got no reply before the timeout", server_round, missing)
-        dropped += missing
+        loss_sum, dropped = 0.0, missing
         for msg in replies:
             vec, met, why = self._reply_sum(msg, d)
             if vec is None:
@@ -143,23 +162,28 @@ class DPFedAvg(Strategy):
             loss_sum += float(met.get("loss-sum", 0.0))
             clipped += int(met.get("num-clipped", 0))
             failed_users += int(met.get("num-failed", 0))
-        # record the release before the noise exists: a crash after this line is counted
-        self.budget.ledger.record(server_round, self.round_event, replay_identical=self.replay_identical,
-                                  cohort=self._round.get("cohort", users))
+        # record the release before the noise exists: a crash after this line is counted. The
+        # ledger holds the event only (the realised cohort is a diagnostic, never recorded there)
+        self.budget.ledger.record(server_round, self.round_event, replay_identical=self.replay_identical)
         if self.crash_round == server_round:
             import os
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
-        noisy, noise_metrics = self.mechanism.add_noise(total, self.noise_gen)
+        signal_norm = float(torch.linalg.vector_norm(total))  # a diagnostic: the unnoised sum
+        noisy, noise_metrics = self.mechanism.add_noise(total, self.randomness.stream("uls-noise", server_round))
         avg = noisy / self.expected_cohort
         new = self.server_opt.step(avg)
         metrics = {
-            "round": server_round, "cohort": self._round.get("cohort", users), "users": users,
-            "examples": examples, "train_loss": loss_sum / max(users, 1), "clipped_frac": clipped / max(users, 1),
-            "dropped_replies": dropped, "missing_replies": missing, "failed_users": failed_users, "messages": self._round.get("messages", 0),
-            "epsilon": self._round.get("eps_after", float("nan")),
-            "update_norm": float(torch.linalg.vector_norm(avg)), **noise_metrics,
+            # released (covered by the guarantee): public plan values and the noisy update
+            "round": server_round, "epsilon": self._round.get("eps_after", float("nan")), "q": self.q,
+            "expected_cohort": self.expected_cohort, "update_norm": float(torch.linalg.vector_norm(avg)),
+            **noise_metrics,
+            # simulation diagnostics (computed from unnoised user data; diagnostics.jsonl)
+            "cohort": self._round.get("cohort", users), "users": users, "examples": examples,
+            "train_loss": loss_sum / max(users, 1), "clipped_frac": clipped / max(users, 1),
+            "dropped_replies": dropped, "missing_replies": missing, "failed_users": failed_users,
+            "messages": self._round.get("messages", 0), "signal_norm": signal_norm,
         }
         return ArrayRecord({"w": Array(new.numpy().astype(np.float32))}), MetricRecord(metrics)
 

@@ -22,6 +22,7 @@ from fedsim.privacy.els_accounting import (
     els_step_event,
     group_privacy_epsilon,
 )
+from fedsim.rundir import read_diagnostics
 
 COARSE = 1e-2
 
@@ -172,7 +173,7 @@ def test_els_run_handles_empty_batches_and_stops_at_the_budget(tmp_path):
     plan = plan_els(cfg, store)
     plan.steps = 8  # calibrated for 4 steps: the guard must stop the run before it overspends
     run_dir, s = run_els(cfg, say=lambda *_: None, plan=plan)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_diagnostics(run_dir)
     batches = [r["batch"] for r in rows if r["step"] > 0]
     assert 0 in batches  # q M = 0.7: empty batches happen and are stepped through on purpose
     assert s["method"] == "ELS" and s["steps"] == len(batches) and 4 <= s["steps"] < 8

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from fedsim.config import load_config
+from fedsim.rundir import read_diagnostics, read_metrics
 from fedsim.privacy import PrivacyLedger
 from fedsim.privacy.accounting import make_accountant
 from fedsim.simulate import run_uls
@@ -17,7 +18,7 @@ from fedsim.simulate import run_uls
 def test_tiny_ulS_run_on_flower_with_ray(tmp_path):
     cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "simulation.backend=ray", "run.rounds=2"])
     run_dir, summary = run_uls(cfg, say=lambda *_: None)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_diagnostics(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1]["users"] == rows[1]["cohort"] and rows[1]["dropped_replies"] == 0  # every user's reply arrived
     assert 0 < summary["epsilon"] <= 8.0 and math.isfinite(summary["eval_loss_after"])
@@ -55,24 +56,25 @@ def test_a_ray_worker_dying_mid_round_is_dropped_once_and_the_run_finishes(tmp_p
                                               f"simulation.faults.kill_rate={kill_rate}", f"simulation.faults.seed={seed}",
                                               "simulation.timeout=60"])
     from clients.client_app import inject_fault
-    from fedsim.sampling import PoissonUserSampler
+    from fedsim.privacy.randomness import SecretRandomness
+    from fedsim.sampling import PoissonSampler
 
     run_dir, summary = run_uls(cfg, say=lambda *_: None)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    rows = read_diagnostics(run_dir)[1:]
     assert [r["round"] for r in rows] == list(range(1, rounds + 1))
     # replay the server's cohorts: exactly the users whose worker was killed are lost, each once;
     # every other user's reply arrives (the dead actor is replaced, not handed the next messages)
-    sampler = PoissonUserSampler(summary["num_users"], summary["q"], seed=cfg.run.seed)
+    sampler = PoissonSampler(summary["num_users"], summary["q"], SecretRandomness.from_seed(cfg.run.seed), "uls-cohort")
     kills = []
     for rnd in range(1, rounds + 1):
-        cohort = sampler.sample()
-        kills.append(sum(inject_fault(cfg.simulation.faults, rnd, [int(u)]) == "kill" for u in cohort))
+        cohort = sampler.sample(rnd)
+        kills.append(sum(inject_fault(cfg.simulation.faults, rnd, int(u)) == "kill" for u in cohort))
         assert rows[rnd - 1]["cohort"] == len(cohort)
     assert sum(kills) > 0  # some workers died
     assert [r["dropped_replies"] for r in rows] == kills
     assert all(r["missing_replies"] == 0 for r in rows)  # no message left waiting on a dead actor until the timeout
     assert all(r["users"] + r["dropped_replies"] == r["cohort"] for r in rows)  # each lost user counted once
-    assert all(r["noise_norm"] > 0 for r in rows)
+    assert all(m["update_norm"] > 0 and m["noise_std"] > 0 for m in read_metrics(run_dir)[1:])
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
     assert len(ledger) == rounds
     assert make_accountant("pld").epsilon(ledger.total_event(), summary["delta"]) == pytest.approx(summary["epsilon"])
@@ -82,10 +84,11 @@ def test_a_ray_worker_dying_mid_round_is_dropped_once_and_the_run_finishes(tmp_p
 def _hangs_per_round(cfg, summary, rounds):
     """Replay the server's cohorts and count the messages `inject_fault` makes hang."""
     from clients.client_app import inject_fault
-    from fedsim.sampling import PoissonUserSampler
+    from fedsim.privacy.randomness import SecretRandomness
+    from fedsim.sampling import PoissonSampler
 
-    sampler = PoissonUserSampler(summary["num_users"], summary["q"], seed=cfg.run.seed)
-    return [sum(inject_fault(cfg.simulation.faults, rnd, [int(u)]) == "hang" for u in sampler.sample())
+    sampler = PoissonSampler(summary["num_users"], summary["q"], SecretRandomness.from_seed(cfg.run.seed), "uls-cohort")
+    return [sum(inject_fault(cfg.simulation.faults, rnd, int(u)) == "hang" for u in sampler.sample(rnd))
             for rnd in range(1, rounds + 1)]
 
 
@@ -101,11 +104,11 @@ def test_a_client_slower_than_the_timeout_is_dropped_on_ray(tmp_path):
                                               "simulation.faults.hang_rate=0.15", "simulation.faults.seed=4",  # one hang, in round 2
                                               "simulation.faults.hang_seconds=60", "simulation.timeout=40"])
     run_dir, summary = run_uls(cfg, say=lambda *_: None)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    rows = read_diagnostics(run_dir)[1:]
     hangs = _hangs_per_round(cfg, summary, rounds)
     assert sum(hangs) > 0
     assert [r["missing_replies"] for r in rows] == hangs
     assert [r["dropped_replies"] for r in rows] == hangs
     assert all(r["users"] + r["dropped_replies"] == r["cohort"] for r in rows)
-    assert all(r["noise_norm"] > 0 for r in rows)
+    assert all(m["update_norm"] > 0 and m["noise_std"] > 0 for m in read_metrics(run_dir)[1:])
     assert len(PrivacyLedger(run_dir / "privacy_ledger.jsonl")) == rounds

@@ -41,6 +41,13 @@ PAPER_03 = LmoParams(a1=0.4, a3=0.1, a4=0.3, G_k=2.0, G_theta=1.0, E_lambda=5.0,
 P2 = LmoParams(a1=0.05, a3=0.02, a4=0.5, G_k=0.5, G_theta=1.0, E_lambda=1.0, U_a=0.0, U_b=2.0)
 
 
+def stream(seed: int):
+    """A reproducible keystream: the noise source a run's mechanisms draw from."""
+    from fedsim.privacy.randomness import SecretRandomness
+
+    return SecretRandomness.from_seed(seed).stream("test-lmo", 0)
+
+
 # --------------------------------------------------------------------------------------
 # parameters
 # --------------------------------------------------------------------------------------
@@ -97,12 +104,12 @@ def test_moments_closed_forms():
 
 
 def test_sampler_moments_match_formulas():
-    gen = torch.Generator().manual_seed(1234)
+    gen = stream(1234)
     n = 1 << 20
-    t = sample_t(P1, (n,), gen, "cpu", torch.float64).numpy()
+    t = sample_t(P1, gen, n).numpy()
     tol_t = 5 * math.sqrt(P1.var_t() / n)
     assert abs(t.mean() - P1.mean_t()) < tol_t
-    z = sample_lmo_noise(P1, (n,), gen, "cpu", torch.float64).numpy()
+    z = sample_lmo_noise(P1, gen, n).numpy()
     var = P1.noise_variance()
     sd_z2 = math.sqrt(24 * P1.inverse_moment(4) - var**2)  # E z^4 = 24 E[t^-4]
     assert abs(np.mean(z**2) - var) < 5 * sd_z2 / math.sqrt(n)
@@ -114,13 +121,12 @@ def test_sampler_moments_match_formulas():
 def test_exponential_is_sampled_with_a_rate():
     # numpy.random.exponential(E_lambda) would give mean 4; the formula's rate gives 1/4
     p = LmoParams(a1=0.0, a3=1.0, a4=0.0, G_k=1.0, G_theta=1.0, E_lambda=4.0, U_a=0.0, U_b=1.0)
-    t = sample_t(p, (200_000,), torch.Generator().manual_seed(0), "cpu", torch.float64)
+    t = sample_t(p, stream(0), 200_000)
     assert float(t.mean()) == pytest.approx(0.25, rel=0.02)
 
 
 def test_closed_form_density_matches_sampled_mixture():
-    gen = torch.Generator().manual_seed(7)
-    t = sample_t(PAPER_03, (1 << 20,), gen, "cpu", torch.float64).numpy()
+    t = sample_t(PAPER_03, stream(7), 1 << 20).numpy()
     for z in (0.0, 0.5, 3.0):
         vals = t / 2 * np.exp(-t * z)
         assert PAPER_03.density([z])[0] == pytest.approx(vals.mean(), abs=5 * vals.std() / math.sqrt(len(t)))
@@ -128,18 +134,16 @@ def test_closed_form_density_matches_sampled_mixture():
     assert mass == pytest.approx(1.0, abs=1e-9)
 
 
-def test_sampler_is_reproducible_chunked_and_dtype_aware(monkeypatch):
-    import fedsim.privacy.lmo as lmo
-
-    a = sample_lmo_noise(P1, (3, 1000), torch.Generator().manual_seed(5), "cpu", torch.float32)
-    monkeypatch.setattr(lmo, "_CHUNK", 256)  # chunking must not change the law, only the stream split
-    b = sample_lmo_noise(P1, (3, 1000), torch.Generator().manual_seed(5), "cpu", torch.float32)
-    assert a.shape == (3, 1000) and b.shape == (3, 1000) and a.dtype == torch.float32
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    c = sample_lmo_noise(P1, (3, 1000), torch.Generator().manual_seed(5), "cpu", torch.float32)
-    assert torch.equal(b, c)
-    h = sample_lmo_noise(P1, (10,), torch.Generator().manual_seed(5), "cpu", torch.bfloat16)
-    assert h.dtype == torch.bfloat16
+def test_sampler_is_reproducible_from_its_stream_and_uses_the_gamma_component():
+    a = sample_lmo_noise(P1, stream(5), 3000)
+    b = sample_lmo_noise(P1, stream(5), 3000)
+    assert a.shape == (3000,) and a.dtype == torch.float64 and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, sample_lmo_noise(P1, stream(6), 3000))
+    # the Gamma component (inverse-CDF from 53-bit uniforms): mean a1 * G_k * G_theta
+    g = LmoParams(a1=2.0, a3=0.0, a4=0.0, G_k=3.0, G_theta=0.5, E_lambda=1.0, U_a=0.0, U_b=1.0)
+    t = sample_t(g, stream(8), 200_000)
+    assert float(t.mean()) == pytest.approx(3.0, rel=0.01) and float(t.var()) == pytest.approx(3.0, rel=0.03)
 
 
 # --------------------------------------------------------------------------------------
@@ -365,7 +369,7 @@ def test_mechanism_through_the_noise_mechanism_interface():
     assert float(torch.linalg.vector_norm(clipped)) <= 0.5 + 1e-6 and info["clipped"] == 1.0
     agg = clipped.clone()
     before = agg.clone()
-    out, metrics = mech.add_noise(agg, torch.Generator().manual_seed(1))
+    out, metrics = mech.add_noise(agg, stream(1))
     assert out is agg and not torch.equal(out, before)
     assert metrics["noise_std"] == pytest.approx(0.5 * P1.noise_std())
     ev = mech.dp_event()
@@ -374,13 +378,13 @@ def test_mechanism_through_the_noise_mechanism_interface():
     assert desc["mechanism"] == "lmo" and desc["lmo_params"] == P1.to_dict() and "lmo_faithful" in desc["accounting"]
     # the noise on the sum is C * Laplace(1/t): its spread matches noise_std
     n = 400_000
-    z = mech.sample_noise((n,), torch.Generator().manual_seed(2), "cpu", torch.float64).numpy()
+    z = mech.sample_noise(stream(2), n).numpy()
     var = mech.noise_std() ** 2
     sd = 0.5**2 * math.sqrt(24 * P1.inverse_moment(4) - P1.noise_variance() ** 2)
     assert abs(np.mean(z**2) - var) < 5 * sd / math.sqrt(n)
     # float16 aggregate keeps its dtype
     half = torch.zeros(16, dtype=torch.float16)
-    mech.add_noise(half, torch.Generator().manual_seed(3))
+    mech.add_noise(half, stream(3))
     assert half.dtype == torch.float16 and torch.isfinite(half).all()
     with pytest.raises(ConfigError):
         LmoMechanism(1.0, P1, dimension=0)

@@ -10,6 +10,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedsim.errors import BudgetExceededError, ConfigError
+from fedsim.privacy.randomness import SecretRandomness
 from fedsim.privacy import (
     GaussianMechanism,
     PrivacyLedger,
@@ -89,8 +90,7 @@ def test_per_user_clip_bounds_norm_and_keeps_direction():
 
 def test_gaussian_noise_has_std_sigma_c():
     mech = GaussianMechanism(clip_norm=0.5, noise_multiplier=1.3)
-    gen = torch.Generator().manual_seed(1)
-    noisy, metrics = mech.add_noise(torch.zeros(200_000), gen)
+    noisy, metrics = mech.add_noise(torch.zeros(200_000), SecretRandomness.from_seed(1).stream("noise", 0))
     assert float(noisy.std()) == pytest.approx(0.65, rel=0.01)
     assert metrics["noise_std"] == pytest.approx(0.65)
     assert isinstance(mech.dp_event(), dp_event.GaussianDpEvent)

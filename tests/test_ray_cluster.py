@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from fedsim.config import load_config
+from fedsim.rundir import read_diagnostics
 from fedsim.simulate import run_uls
 
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
@@ -101,7 +102,7 @@ def test_tiny_uls_job_runs_on_a_cluster_started_with_the_ray_cli(ray_head, tmp_p
     # the run completed
     assert summary["rounds"] == 2 and summary["stop_reason"] == "completed planned rounds"
     assert 0 < summary["epsilon"] <= 8.0 and math.isfinite(summary["eval_loss_after"])
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_diagnostics(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["dropped_replies"] == 0 for r in rows[1:])
     assert sum(r["users"] for r in rows[1:]) == sum(r["cohort"] for r in rows[1:])
     # ...on that cluster: the GCS address we started, its one node and 2 CPUs, 2 actor slots

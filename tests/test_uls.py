@@ -12,7 +12,7 @@ from fedsim.config import load_config
 from fedsim.privacy import GaussianMechanism, PrivacyLedger
 from fedsim.privacy.accounting import make_accountant
 from fedsim.privacy.budget import PrivacyBudget
-from fedsim.sampling import PoissonUserSampler
+from fedsim.privacy.randomness import SecretRandomness
 from fedsim.simulate import InProcessGrid, run_uls
 from fedsim.training.server_opt import ServerOptimizer
 from strategies.dp_fedavg import DPFedAvg, assign_users_to_nodes
@@ -23,7 +23,7 @@ def make_strategy(d=1000, n=200, q=0.1, sigma=1.0, clip=1.0, seed=0):
     return DPFedAvg(
         num_users=n, sampling_rate=q, mechanism=GaussianMechanism(clip, sigma),
         server_optimizer=ServerOptimizer(w, "sgd", 1.0), budget=PrivacyBudget(PrivacyLedger(), make_accountant("rdp"), 1e-5, None),
-        sampler=PoissonUserSampler(n, q, seed=seed), noise_generator=torch.Generator().manual_seed(seed),
+        randomness=SecretRandomness.from_seed(seed),
     )
 
 
@@ -72,8 +72,21 @@ def test_bad_replies_are_dropped_and_counted(request_msg):
 
 def test_assign_users_to_nodes():
     nodes = [11, 22, 33]
-    assert assign_users_to_nodes(np.array([0, 2, 4]), nodes, 1) == [(11, [0]), (33, [2]), (22, [4])]
-    assert assign_users_to_nodes(np.array([0, 1, 2, 3, 4]), nodes, 2) == [(11, [0, 1]), (22, [2, 3]), (33, [4])]
+    assert assign_users_to_nodes(np.array([0, 2, 4]), nodes, 1) == [(11, 0, [0]), (33, 2, [2]), (22, 4, [4])]
+    assert assign_users_to_nodes(np.array([0, 1, 2, 3, 4]), nodes, 2, 3) == [(11, 0, [0, 3]), (22, 1, [1, 4]),
+                                                                             (33, 2, [2])]
+
+
+def test_a_users_message_does_not_depend_on_who_else_was_sampled():
+    # with cohort workers, losing one message (a dead node) must remove a set of users fixed by
+    # their ids: adding user 0 to the cohort may not move any other user to another message
+    nodes = [11, 22, 33]
+
+    def groups(cohort):
+        return {u: (node, key) for node, key, us in assign_users_to_nodes(np.array(cohort), nodes, 2, 3) for u in us}
+
+    without, with_0 = groups([1, 2, 3, 4, 5, 6]), groups([0, 1, 2, 3, 4, 5, 6])
+    assert all(with_0[u] == without[u] for u in without)
 
 
 def test_cohort_worker_sum_equals_per_user_path(smoke_cfg):

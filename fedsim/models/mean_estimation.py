@@ -70,11 +70,21 @@ def _clip_rows(v: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     return v * (clip / (v.norm(dim=-1, keepdim=True) + 1e-6)).clamp(max=1.0)
 
 
-def _noise_and_scale(total: torch.Tensor, mechanisms: list[NoiseMechanism], gen: torch.Generator) -> torch.Tensor:
+def _noise_and_scale(total: torch.Tensor, mechanisms: list[NoiseMechanism], stream) -> torch.Tensor:
     """Each mechanism adds its noise to its own group's sums (dim 1 of [S, G, L, d])."""
     for g, mech in enumerate(mechanisms):
-        mech.add_noise(total[:, g], gen)  # in place on the view
+        part = total[:, g].contiguous()
+        mech.add_noise(part, stream)
+        total[:, g] = part
     return total
+
+
+def _noise_stream(noise_seed: int, purpose: str):
+    """The study's noise keystream: reproducible (synthetic users, no real data to protect),
+    drawn by the same code as a real run's noise."""
+    from fedsim.privacy.randomness import SecretRandomness
+
+    return SecretRandomness.from_seed(noise_seed).stream(purpose, 0)
 
 
 def _clips(mechanisms: list[NoiseMechanism]) -> torch.Tensor:
@@ -106,7 +116,8 @@ def run_uls(examples: torch.Tensor, mu: torch.Tensor, *, rounds: int, q: float, 
     w = torch.zeros(seeds, groups, lr.shape[2], d)
     xbar = examples[:, :used].mean(1)  # [N, d]
     shrink = 1.0 - (1.0 - local_lr) ** local_epochs
-    gen = torch.Generator().manual_seed(noise_seed)
+    gen = torch.Generator().manual_seed(noise_seed)  # cohorts (a simulation: public is fine here)
+    noise = _noise_stream(noise_seed, "mean-estimation-uls-noise")
     compute = 0.0
     for _ in range(rounds):
         # Poisson cohort per seed (possibly empty)
@@ -118,7 +129,7 @@ def run_uls(examples: torch.Tensor, mu: torch.Tensor, *, rounds: int, q: float, 
             delta = shrink * (xbar[idx].view(seeds, 1, 1, width, d) - w.unsqueeze(3))  # [S, G, L, W, d]
             total = torch.einsum("sw,sglwd->sgld", valid, _clip_rows(delta, clip))
         # noise from each group's mechanism, divide by the expected cohort, server step
-        w = w + lr * _noise_and_scale(total, mechanisms, gen) / (q * n)
+        w = w + lr * _noise_and_scale(total, mechanisms, noise) / (q * n)
     return {"excess_loss": MeanEstimationProblem.excess_loss(w, mu), "compute": compute}
 
 
@@ -133,7 +144,8 @@ def run_els(examples: torch.Tensor, mu: torch.Tensor, *, steps: int, k: int, p: 
     big_m, groups, lr = kept.shape[0], len(mechanisms), lrs.reshape(1, 1, -1, 1)
     clip = _clips(mechanisms).unsqueeze(-1)  # [1, G, 1, 1, 1] against [S, G, L, W, d]
     w = torch.zeros(seeds, groups, lr.shape[2], d)
-    gen = torch.Generator().manual_seed(noise_seed + 1)
+    gen = torch.Generator().manual_seed(noise_seed + 1)  # samples (a simulation: public is fine here)
+    noise = _noise_stream(noise_seed + 1, "mean-estimation-els-noise")
     compute = 0.0
     for _ in range(steps):
         # Poisson sample per seed, padded to the largest batch (padding is masked out)
@@ -144,5 +156,5 @@ def run_els(examples: torch.Tensor, mu: torch.Tensor, *, steps: int, k: int, p: 
             g = w.unsqueeze(3) - kept[idx].view(seeds, 1, 1, width, d)  # [S, G, L, W, d]
             total = torch.einsum("sw,sglwd->sgld", valid, _clip_rows(g, clip))
         # noise, divide by the expected batch, step
-        w = w - lr * _noise_and_scale(total, mechanisms, gen) / (p * big_m)
+        w = w - lr * _noise_and_scale(total, mechanisms, noise) / (p * big_m)
     return {"excess_loss": MeanEstimationProblem.excess_loss(w, mu), "compute": compute}

@@ -367,67 +367,27 @@ def _fisher_information(params: LmoParams) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Sampling (torch, device-agnostic, no numpy)
+# Sampling (float64 on the CPU, from the secret keystream)
 # --------------------------------------------------------------------------------------
 
-_CHUNK = 1 << 22
-
-
-def _sample_t_chunk(params: LmoParams, n: int, generator, device, dtype) -> torch.Tensor:
-    t = torch.zeros(n, device=device, dtype=dtype)
+def sample_t(params: LmoParams, stream, n: int) -> torch.Tensor:
+    """n draws (float64, CPU) of the random Laplace rate t, from a `RandomStream`
+    (`privacy/randomness.py`: the one source of secret random bits)."""
+    t = torch.zeros(int(n), dtype=torch.float64)
     if params.a1 > 0:
-        conc = torch.full((n,), params.G_k, device=device, dtype=dtype)
-        g = torch._standard_gamma(conc, generator=generator)  # Gamma(G_k, scale 1)
-        del conc
-        t.add_(g, alpha=params.a1 * params.G_theta)
-        del g
+        t.add_(stream.gamma(params.G_k, n), alpha=params.a1 * params.G_theta)  # a1 * Gamma(G_k, scale G_theta)
     if params.a3 > 0:
-        # Tensor.exponential_(lambd) takes the RATE: mean 1/E_lambda, as the paper's MGF assumes.
-        e = torch.empty(n, device=device, dtype=dtype).exponential_(params.E_lambda, generator=generator)
-        t.add_(e, alpha=params.a3)
-        del e
+        t.add_(stream.exponential(n), alpha=params.a3 / params.E_lambda)  # a3 * Exp(RATE E_lambda): mean a3/E_lambda
     if params.a4 > 0:
-        u = torch.rand(n, generator=generator, device=device, dtype=dtype)
-        u.mul_(params.U_b - params.U_a).add_(params.U_a)
-        t.add_(u, alpha=params.a4)
-        del u
+        t.add_(stream.uniform(n).mul_(params.U_b - params.U_a).add_(params.U_a), alpha=params.a4)
     return t
 
 
-def _work_dtype(dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def sample_t(params: LmoParams, shape, generator: torch.Generator, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Draws of the random Laplace rate t (one per element), on `device` with `generator`."""
-    device = torch.device(device) if device is not None else generator.device
-    wd = _work_dtype(dtype)
-    shape = torch.Size(shape)
-    n = shape.numel()
-    out = torch.empty(n, device=device, dtype=wd)
-    for start in range(0, n, _CHUNK):
-        m = min(_CHUNK, n - start)
-        out[start:start + m] = _sample_t_chunk(params, m, generator, device, wd)
-    return out.reshape(shape).to(dtype)
-
-
-def sample_lmo_noise(params: LmoParams, shape, generator: torch.Generator, device=None, dtype=torch.float32,
-                     scale: float = 1.0) -> torch.Tensor:
-    """scale * Laplace(0, 1/t) per element, t fresh per element (the LMO noise)."""
-    device = torch.device(device) if device is not None else generator.device
-    wd = _work_dtype(dtype)
-    shape = torch.Size(shape)
-    n = shape.numel()
-    out = torch.empty(n, device=device, dtype=wd)
-    tiny = torch.finfo(wd).tiny
-    for start in range(0, n, _CHUNK):
-        m = min(_CHUNK, n - start)
-        t = _sample_t_chunk(params, m, generator, device, wd).clamp_(min=tiny)
-        lap = torch.empty(m, device=device, dtype=wd).exponential_(1.0, generator=generator)  # |Laplace(0,1)|
-        sign = torch.rand(m, generator=generator, device=device, dtype=wd) < 0.5
-        lap = torch.where(sign, lap, -lap)
-        out[start:start + m] = lap.div_(t).mul_(scale)  # Laplace(0, 1/t): scale 1/t, not t
-    return out.reshape(shape).to(dtype)
+def sample_lmo_noise(params: LmoParams, stream, n: int, scale: float = 1.0) -> torch.Tensor:
+    """n values (float64, CPU) of scale * Laplace(0, 1/t), t fresh per value (the LMO noise)."""
+    t = sample_t(params, stream, n).clamp_(min=torch.finfo(torch.float64).tiny)
+    lap = stream.exponential(n).mul_(stream.signs(n))  # Laplace(0, 1) = sign * Exp(1)
+    return lap.div_(t).mul_(scale)  # Laplace(0, 1/t): scale 1/t, not t
 
 
 # --------------------------------------------------------------------------------------
@@ -1098,11 +1058,15 @@ class LmoMechanism(NoiseMechanism):
             dimension = dimension if dimension is not None else setting.get("dimension")
         return cls(clip_norm, params, dimension)
 
-    def sample_noise(self, shape, generator, device, dtype=torch.float32) -> torch.Tensor:
-        return sample_lmo_noise(self.params, shape, generator, device, dtype, scale=self.clip_norm)
+    def sample_noise(self, stream, n: int) -> torch.Tensor:
+        return sample_lmo_noise(self.params, stream, n, scale=self.clip_norm)
 
     def noise_std(self) -> float:
         return self.clip_norm * self.params.noise_std()
+
+    def grid_scale(self) -> float:
+        # the Laplace scale at the mean rate: finite even when the noise variance is not
+        return self.clip_norm / self.params.mean_t()
 
     def dp_event(self) -> dp_event.DpEvent:
         return LmoDpEvent.from_params(self.params, self.dimension)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import abc
 import math
-import secrets
 
 import torch
 from dp_accounting import dp_event
 
 from fedsim.privacy.accounting import check_noise_multiplier
+from fedsim.privacy.randomness import CHUNK_WORDS, RandomStream, snap_to_grid
 
 
 def update_norm(update: torch.Tensor) -> float:
@@ -46,20 +46,6 @@ def per_user_clip(update: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor,
     return update, norm
 
 
-def make_noise_generator(device: torch.device | str, seed: int | None) -> tuple[torch.Generator, str]:
-    """A torch generator for noise: seeded from the OS CSPRNG unless a seed is given.
-
-    Returns the generator and its provenance ("os-entropy" or "reproducible-seed"),
-    which the run records in summary.json.
-    """
-    gen = torch.Generator(device=device)
-    if seed is None:
-        gen.manual_seed(secrets.randbits(63))
-        return gen, "os-entropy"
-    gen.manual_seed(int(seed))
-    return gen, "reproducible-seed"
-
-
 class NoiseMechanism(abc.ABC):
     """One central-DP release of a sum of per-user updates clipped to `clip_norm`."""
 
@@ -76,19 +62,36 @@ class NoiseMechanism(abc.ABC):
         return update, {"norm_before_clip": norm, "clipped": float(norm > self.clip_norm)}
 
     @abc.abstractmethod
-    def sample_noise(self, shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
-        """Noise for a sum of clipped updates (already scaled by C)."""
+    def sample_noise(self, stream: RandomStream, n: int) -> torch.Tensor:
+        """n noise values (float64, CPU) for a sum of clipped updates, already scaled by C,
+        drawn from `stream` (a `SecretRandomness` keystream: the only source of noise)."""
 
-    def add_noise(self, aggregate: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """Add noise to the (clipped) sum, in place."""
-        noise = self.sample_noise(aggregate.shape, generator, aggregate.device, aggregate.dtype)
-        signal = float(torch.linalg.vector_norm(aggregate))
-        aggregate.add_(noise)
-        return aggregate, {"noise_std": self.noise_std(), "noise_norm": float(torch.linalg.vector_norm(noise)), "signal_norm": signal}
+    def add_noise(self, aggregate: torch.Tensor, stream: RandomStream) -> tuple[torch.Tensor, dict]:
+        """Add noise to the (clipped) sum, in place: per chunk, noise + sum in float64, rounded
+        to a grid of 2^-16 noise std (floating-point hardening, `privacy/randomness.py`), cast
+        back. Chunks keep the extra memory O(chunk) for any number of coordinates.
+
+        Returns (aggregate, released metrics): the noise std and the expected noise norm
+        std * sqrt(d) (root-mean-square), never the realised noise or signal norm."""
+        flat = aggregate.view(-1)
+        std, grid_scale = self.noise_std(), self.grid_scale()
+        released = {"noise_std": std, "expected_noise_norm": std * math.sqrt(flat.numel())}
+        if grid_scale == 0:  # non-private reference run: nothing to draw
+            return aggregate, released
+        for start in range(0, flat.numel(), CHUNK_WORDS):
+            part = flat[start:start + CHUNK_WORDS]
+            y = self.sample_noise(stream, part.numel()).add_(part.detach().to("cpu", torch.float64))
+            part.copy_(snap_to_grid(y, grid_scale))
+        return aggregate, released
 
     @abc.abstractmethod
     def noise_std(self) -> float:
         """Per-coordinate standard deviation of the noise on the sum."""
+
+    def grid_scale(self) -> float:
+        """A finite, positive scale of the noise (0: no noise) that sets the rounding grid of
+        `add_noise`; the std unless a mechanism's std can be infinite."""
+        return self.noise_std()
 
     @abc.abstractmethod
     def dp_event(self) -> dp_event.DpEvent:
@@ -109,9 +112,8 @@ class GaussianMechanism(NoiseMechanism):
             check_noise_multiplier(noise_multiplier, "noise_multiplier")
         self.noise_multiplier = float(noise_multiplier)
 
-    def sample_noise(self, shape, generator, device, dtype=torch.float32) -> torch.Tensor:
-        z = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-        return z.mul_(self.noise_multiplier * self.clip_norm).to(dtype)
+    def sample_noise(self, stream: RandomStream, n: int) -> torch.Tensor:
+        return stream.normal(n).mul_(self.noise_multiplier * self.clip_norm)
 
     def noise_std(self) -> float:
         return self.noise_multiplier * self.clip_norm

@@ -59,15 +59,18 @@ class UnsupportedModelError(ValueError):
 
 @dataclass
 class ClipResult:
-    norms: torch.Tensor  # [B] per-example gradient L2 norms before clipping
+    norms: torch.Tensor  # [B] per-example gradient L2 norms before clipping (non-finite: dropped)
     losses: torch.Tensor  # [B] per-example losses (detached)
+    dropped: int = 0  # examples whose gradient was not finite: left out of the sum (a zero contribution)
 
     @property
     def size(self) -> int:
         return int(self.norms.numel())
 
     def clipped_fraction(self, clip_norm: float) -> float:
-        return float((self.norms > clip_norm).float().mean()) if self.size else 0.0
+        """Share of the examples in the sum whose gradient norm exceeded C."""
+        kept = self.norms[torch.isfinite(self.norms)]
+        return float((kept > clip_norm).float().mean()) if kept.numel() else 0.0
 
 
 def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -104,7 +107,26 @@ class PerExampleClipper(abc.ABC):
             self.flat.zero_grad()
             empty = torch.zeros(0, device=self.flat.flat.device)
             return ClipResult(empty, empty)
-        return self._clip_and_accumulate(batch, clip_norm)
+        res = self._clip_and_accumulate(batch, clip_norm)
+        keep = torch.isfinite(res.norms).nonzero().squeeze(1)
+        # A NaN/Inf gradient would make its clip factor, and with it the whole sum, NaN: a
+        # data-dependent failure of the step. Drop those examples (a zero contribution keeps
+        # every example's contribution within the ball of radius C) and redo the sum over the
+        # others; the redo is checked too (dropout draws new masks), a few times at most, and a
+        # sum that never comes out finite is released as zero (noise only). Counted in `dropped`.
+        for _ in range(3):
+            if keep.numel() == n and bool(torch.isfinite(self.flat.flat_grad).all()):
+                break
+            if keep.numel() == 0:
+                break
+            again = self._clip_and_accumulate({k: v[keep] for k, v in batch.items()}, clip_norm)
+            keep = keep[torch.isfinite(again.norms)]
+            n = int(again.norms.numel())
+        if keep.numel() == 0 or not bool(torch.isfinite(self.flat.flat_grad).all()) or keep.numel() != n:
+            self.flat.zero_grad()
+            keep = keep[:0]
+        res.dropped = int(batch["input_ids"].shape[0]) - int(keep.numel())
+        return res
 
     @abc.abstractmethod
     def _clip_and_accumulate(self, batch, clip_norm: float) -> ClipResult: ...

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fedsim.models.causal_lm import autocast_context
-from fedsim.training.local import cap_examples, local_batches, train_user, user_generator
+from fedsim.training.local import cap_examples, local_batches, user_generator
 from fedsim.training.per_example import HookClipper, UnsupportedModelError, _as_3d
 
 log = logging.getLogger("fedsim")
@@ -143,26 +143,35 @@ class VectorisedUsers:
             return None
         return [examples[i] for i in batches[0]]
 
-    def train_users(self, user_ids, global_flat: torch.Tensor, server_round: int, out, add_user) -> None:
-        """Add every user's clipped delta to `out` (a CohortResult); `add_user(out, LocalResult)`
-        is the sequential path's bookkeeping, used for fallback users."""
+    def train_users(self, user_ids, global_flat: torch.Tensor, server_round: int, out, train_one) -> None:
+        """Add every user's clipped delta to `out` (a CohortResult); `train_one(out, user,
+        global_flat, round)` is the sequential path (one user, failures caught per user), used
+        for fallback users and for every user of a grouped pass that raised."""
         task, uls = self.worker.task, self.cfg.uls
         single, multi = [], []
         for u in user_ids:
-            texts = self._plan(u, server_round) if self.grads is not None else None
+            try:
+                texts = self._plan(u, server_round) if self.grads is not None else None
+            except Exception:  # noqa: BLE001 -- the sequential path retries it and counts a failure
+                texts = None
             (single if texts is not None else multi).append((int(u), texts))
         for u, _ in multi:  # explicit fallback: the sequential path, counted
             if self.grads is not None and not self._warned_steps:
                 log.warning("uls.vectorise: users with other than one local step are trained sequentially")
                 self._warned_steps = True
-            gen = user_generator(self.cfg.run.seed, server_round, u)
-            add_user(out, train_user(task, global_flat, self.worker.store.train_examples(u), uls, gen))
+            train_one(out, u, global_flat, server_round)
             out.sequential += 1
-        if single:
-            task.flat.set(global_flat)  # every grouped pass runs at the global weights
         k = max(1, uls.vector_users)
         for i in range(0, len(single), k):
-            self._chunk(single[i : i + k], global_flat, out)
+            chunk = single[i : i + k]
+            task.flat.set(global_flat)  # every grouped pass runs at the global weights
+            try:
+                self._chunk(chunk, global_flat, out)
+            except Exception as exc:  # noqa: BLE001 -- one user's failure must not drop the group
+                log.warning("uls.vectorise: a grouped pass raised (%s); its users are trained one by one", exc)
+                for u, _ in chunk:
+                    train_one(out, u, global_flat, server_round)
+                    out.sequential += 1
 
     def _chunk(self, chunk, global_flat: torch.Tensor, out) -> None:
         task, clip, lr = self.worker.task, self.cfg.dp.clip_norm, self.cfg.uls.client_lr
@@ -181,8 +190,11 @@ class VectorisedUsers:
         factors = (clip / (norms + 1e-6)).clamp(max=1.0)
         factors = torch.where(finite, factors, torch.zeros_like(factors))
         D = torch.where(finite.unsqueeze(1), D, torch.zeros((), dtype=D.dtype, device=D.device))
-        out.delta_sum.add_(factors.to(D.dtype) @ D)
+        contribution = factors.to(D.dtype) @ D
         fin, nrm, los = finite.tolist(), norms.tolist(), losses.tolist()
+        # nothing below can raise: the group's contribution and counts land together or not at
+        # all (a failed pass is redone user by user, never added twice)
+        out.delta_sum.add_(contribution)
         for (u, t), ok, n, loss in zip(chunk, fin, nrm, los):
             if not ok:
                 out.failed += 1

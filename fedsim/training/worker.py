@@ -2,12 +2,16 @@
 sum of their individually clipped deltas (DESIGN.md, "Scale mode").
 
 Per-user clipping happens before summing, so the sum has the same sensitivity C as in
-the one-user-per-client path: privacy is unchanged. A user whose delta is not finite
-is left out of the sum and counted as a failure.
+the one-user-per-client path: privacy is unchanged. Sensitivity must hold under failure
+too: a user whose training raises, or whose delta is not finite, is left out of the sum
+(a zero contribution) and counted as a failure; the other users' clipped deltas are still
+returned. Were the whole message dropped instead, one user's data could remove
+`users_per_client` users' contributions, a change of up to users_per_client * C.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -15,6 +19,8 @@ import torch
 
 from fedsim.privacy.mechanisms import clip_factor, update_norm
 from fedsim.training.local import train_user, user_generator
+
+log = logging.getLogger("fedsim")
 
 
 @dataclass
@@ -24,7 +30,7 @@ class CohortResult:
     num_examples: int = 0
     loss_sum: float = 0.0
     clipped: int = 0  # users whose delta norm exceeded C
-    failed: int = 0  # users left out (non-finite delta)
+    failed: int = 0  # users left out (training raised, or a non-finite delta)
     norms: list[float] = field(default_factory=list)
     vectorised: int = 0  # uls.vectorise: users trained in a grouped forward/backward
     sequential: int = 0  # uls.vectorise: users that fell back to the back-to-back path
@@ -45,13 +51,26 @@ class CohortWorker:
                 from fedsim.training.vectorised import VectorisedUsers
 
                 self._vectorised = VectorisedUsers(self)
-            self._vectorised.train_users(user_ids, global_flat, server_round, out, self._add_user)
+            self._vectorised.train_users(user_ids, global_flat, server_round, out, self.train_one)
             return out
         for u in user_ids:
-            gen = user_generator(self.cfg.run.seed, server_round, int(u))
-            res = train_user(self.task, global_flat, self.store.train_examples(int(u)), self.cfg.uls, gen)
-            self._add_user(out, res)
+            self.train_one(out, int(u), global_flat, server_round)
         return out
+
+    def train_one(self, out: CohortResult, user: int, global_flat: torch.Tensor, server_round: int) -> None:
+        """Train one user and add its clipped delta to `out`; a user whose training raises is
+        left out and counted (its failure never takes the other users' contributions with it)."""
+        try:
+            gen = user_generator(self.cfg.run.seed, server_round, user)
+            res = train_user(self.task, global_flat, self.store.train_examples(user), self.cfg.uls, gen)
+        except Exception as exc:  # noqa: BLE001 -- any per-user failure: drop this user only
+            # no user id or message on the console: who was sampled is secret (debug level only)
+            log.warning("round %d: a user's training failed (%s); left out of the sum", server_round,
+                        type(exc).__name__)
+            log.debug("round %d: user %d failed: %s", server_round, user, exc)
+            out.failed += 1
+            return
+        self._add_user(out, res)
 
     def _add_user(self, out: CohortResult, res) -> None:
         """Clip one user's delta and add it to the sum (a non-finite delta is left out)."""
