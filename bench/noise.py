@@ -134,7 +134,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     out = {"bench": "noise", **provenance(), "torch_threads": args.threads,
-           "secure": "AES-256-CTR keystream, float64 Box-Muller (106-bit radius uniform), snapped to 2^-16 std",
+           "secure": "AES-256-CTR keystream, float64 Box-Muller (radius uniform refined near 0), snapped to 2^-16 std",
            "baseline": "torch.randn (float32, MT19937, Box-Muller on 24-bit uniforms)", "sizes": {}}
     for name, d in SIZES.items():
         reps = args.reps if d < 10**8 else max(3, args.reps // 2)

@@ -116,19 +116,46 @@ def test_secure_noise_is_not_reproducible_from_the_run_directory(tmp_path, monke
 
 def test_box_muller_reaches_beyond_8_sigma(monkeypatch):
     # all-zero keystream words give the radius's smallest uniform, 2^-107: r = sqrt(214 ln 2) = 12.18
-    monkeypatch.setattr(RandomStream, "words", lambda self, n: np.zeros(n, dtype=np.uint64))
+    monkeypatch.setattr(RandomStream, "_raw_words", lambda self, n: np.zeros(n, dtype=np.uint64))
     z = SecretRandomness.from_seed(0).stream("t", 0).normal(4)
     assert float(z.abs().max()) == pytest.approx(MAX_ABS_NORMAL) and MAX_ABS_NORMAL > 12
 
 
-def test_the_radius_uniform_is_fine_near_zero():
+def test_the_radius_uniform_is_refined_near_zero(monkeypatch):
     # one 53-bit word would make the smallest radius uniforms k 2^-53, far apart in -ln u (rings
-    # coarser than the rounding grid in the tail); the second word fills in between
-    u = SecretRandomness.from_seed(4).stream("t", 0).uniform_open(1 << 20)
-    assert float(u.min()) > 0 and float(u.max()) <= 1
-    small = u[u < 2.0**-10]  # below 2^-10 a double is 2^10+ times finer than 2^-53: the second word shows
-    frac = (small * 2.0**53) - (small * 2.0**53).floor()
-    assert small.numel() > 800 and float((frac != 0).double().mean()) > 0.99  # off the one-word grid
+    # coarser than the rounding grid in the tail): a coarse cell (hi < 2^20) is subdivided by a
+    # second word, so the values land off the one-word grid, inside their cell
+    real = RandomStream._raw_words
+    calls = []
+
+    def words(self, n):
+        calls.append(n)
+        if len(calls) == 1:  # the first draw: hi = 0, 1, ..., n-1 (all coarse), then 2^20 (not)
+            w = np.arange(n, dtype=np.uint64)
+            w[-1] = 2**20
+            return w << np.uint64(11)
+        return real(self, n)
+
+    monkeypatch.setattr(RandomStream, "_raw_words", words)
+    u = SecretRandomness.from_seed(4).stream("t", 0).uniform_open(1000) * 2.0**53
+    assert calls == [1000, 999]  # one more word for each coarse cell
+    k = torch.arange(1000, dtype=torch.float64)
+    assert bool(((u[:-1] > k[:-1]) & (u[:-1] < k[:-1] + 1)).all())  # inside its cell
+    assert float((u[:-1] - k[:-1] != 0.5).double().mean()) > 0.99  # not the cell's midpoint
+    assert float(u[-1]) == 2**20 + 0.5  # a fine cell keeps its midpoint
+
+
+def test_read_ahead_gives_the_same_keystream_and_refuses_mixed_reads(monkeypatch):
+    big = randomness.READ_AHEAD_WORDS * 3 + 5  # several blocks read ahead on the helper thread
+    a = SecretRandomness.from_seed(9).stream("t", 0).normal(big)
+    monkeypatch.setattr(randomness, "READ_AHEAD_WORDS", 1 << 40)  # no read-ahead: one synchronous read
+    b = SecretRandomness.from_seed(9).stream("t", 0).normal(big)
+    assert torch.equal(a, b)
+    monkeypatch.undo()
+    s = SecretRandomness.from_seed(9).stream("t", 0)
+    s.normal(big)
+    with pytest.raises(RuntimeError, match="never both"):
+        s.words(4)
 
 
 def test_uniforms_have_53_bits():

@@ -19,7 +19,7 @@ import torch
 from dp_accounting import dp_event
 
 from fedsim.privacy.accounting import check_noise_multiplier
-from fedsim.privacy.randomness import CHUNK_WORDS, RandomStream, snap_to_grid
+from fedsim.privacy.randomness import NOISE_CHUNK, RandomStream, snap_to_grid
 
 
 def update_norm(update: torch.Tensor) -> float:
@@ -78,8 +78,8 @@ class NoiseMechanism(abc.ABC):
         released = {"noise_std": std, "expected_noise_norm": std * math.sqrt(flat.numel())}
         if grid_scale == 0:  # non-private reference run: nothing to draw
             return aggregate, released
-        for start in range(0, flat.numel(), CHUNK_WORDS):
-            part = flat[start:start + CHUNK_WORDS]
+        for start in range(0, flat.numel(), NOISE_CHUNK):
+            part = flat[start:start + NOISE_CHUNK]
             y = self.sample_noise(stream, part.numel()).add_(part.detach().to("cpu", torch.float64))
             part.copy_(snap_to_grid(y, grid_scale))
         return aggregate, released
