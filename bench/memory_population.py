@@ -16,7 +16,7 @@ File store (`FileUserStore`) on a generated StackOverflow-like Parquet file
 Note: peak RSS counts the file-backed pages of memory-mapped files that were touched; for
 the build, that is the whole unsorted Arrow file (clean page cache the kernel can drop).
 
-Target (DESIGN.md): flat in the population, < 2 GB at 10^6 users.
+Target (docs/architecture.md, README performance): flat in the population, < 2 GB at 10^6 users.
 Prints one JSON object, also written to bench/out/memory_population.json.
 """
 

@@ -7,7 +7,7 @@ and a re-check of a finished run's epsilon from its privacy ledger.
     fedsim account RUN_DIR                                                 # exit 0 iff it matches
 
 Rows are labelled "upper bound" or "approximation": only upper bounds may be a run's
-epsilon (DESIGN.md, privacy rules). The Edgeworth row is a bound that falls back to PLD
+epsilon (docs/architecture.md, privacy rules). The Edgeworth row is a bound that falls back to PLD
 when the finite-sample Edgeworth bound is vacuous (see `fedsim.privacy.edgeworth`); the
 Edgeworth approximation row is EW-Tune's estimate and can be optimistic.
 
@@ -75,7 +75,7 @@ def _event_factory(q: float, steps: int, k: int | None):
     from scipy import stats
 
     # A user holds k examples, each Poisson-sampled with probability q: the user's
-    # sensitivity in a step is c ~ Binomial(k, q) (DESIGN.md, ELS baseline).
+    # sensitivity in a step is c ~ Binomial(k, q) (docs/architecture.md, "One ELS step").
     sens = [float(c) for c in range(k + 1)]
     probs = [float(p) for p in stats.binom.pmf(range(k + 1), k, q)]
 

@@ -1,4 +1,4 @@
-"""ELS: the centralized DP-SGD baseline with example-level sampling (DESIGN.md, "ELS baseline").
+"""ELS: the centralized DP-SGD baseline with example-level sampling (docs/architecture.md, "One ELS step").
 
 Each user keeps at most k of its training examples (a seeded choice, `cap_examples`).
 One step:

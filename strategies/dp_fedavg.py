@@ -1,6 +1,6 @@
 """DP-FedAvg with user-level sampling (ULS) as a Flower message-API strategy.
 
-One round (DESIGN.md, "One ULS round"):
+One round (docs/architecture.md, "One ULS round"):
 1. `configure_train`: the budget guard checks that one more release fits; a Poisson(q)
    cohort of users is drawn from the secret randomness source
    (`fedsim/privacy/randomness.py`); its users are sent, with the current trainable weights,

@@ -28,7 +28,7 @@ from fedsim.privacy.calibration import calibrate_noise
 from fedsim.privacy.edgeworth import EdgeworthAccountant, EdgeworthApproximation, pllr_moments
 from fedsim.privacy.prv import PrvAccountant
 
-# Reference setting of DESIGN.md: q=0.01, sigma=1, T=1000, delta=1e-6.
+# Reference setting (docs/architecture.md, "Reference values"): q=0.01, sigma=1, T=1000, delta=1e-6.
 REF = dict(q=0.01, sigma=1.0, steps=1000, delta=1e-6)
 PLD_REF_VDI4 = 2.12452  # dp_accounting PLD at value_discretization_interval 1e-4
 RDP_REF = 2.4367

@@ -225,3 +225,13 @@ def test_corrupt_checkpoint_through_the_cli(finished_runs, tmp_path, capsys, met
     line = _one_error_line(capsys)
     assert rc == 2 and needle in line and str(d) in line and names in line
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing written, moved or removed
+
+
+@pytest.mark.parametrize("method", ["ULS", "ELS"])
+def test_fedsim_account_rechecks_every_kind_of_run_directory_in_a_fresh_process(finished_runs, method):
+    # a fresh interpreter: an accountant that only registers itself on import (els_pld) must still
+    # be found from the name a summary.json gives
+    p = subprocess.run([sys.executable, "-m", "fedsim.cli", "account", str(finished_runs[method])],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-1500:]
+    assert "Traceback" not in p.stderr

@@ -29,7 +29,7 @@ COARSE = 1e-2
 
 # -- the user-level accountant -------------------------------------------------------------
 def test_reference_value_k4():
-    # DESIGN.md: q=0.01, sigma=1, T=1000, delta=1e-6, k=4 -> 10.015 (mixture PLD at 1e-3)
+    # docs/architecture.md reference values: q=0.01, sigma=1, T=1000, delta=1e-6, k=4 -> 10.015 (mixture PLD at 1e-3)
     assert els_epsilon(1.0, 4, 0.01, 1000, 1e-6, interval=1e-3) == pytest.approx(10.015, abs=2e-3)
 
 
@@ -38,7 +38,7 @@ def test_k1_is_the_poisson_subsampled_gaussian():
         tight = els_epsilon(sigma, 1, q, steps, 1e-6, interval=COARSE)
         pg = compute_epsilon(poisson_gaussian_event(q, sigma, steps), 1e-6, "pld", value_discretization_interval=COARSE)
         assert tight == pytest.approx(pg, rel=1e-6)
-    # and the reference of DESIGN.md (2.1245 at the default 1e-3 discretisation)
+    # and the reference of docs/architecture.md (2.1245 at the default 1e-3 discretisation)
     assert compute_epsilon(poisson_gaussian_event(0.01, 1.0, 1000), 1e-6, "pld") == pytest.approx(2.1245, abs=2e-3)
 
 

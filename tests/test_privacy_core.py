@@ -25,7 +25,7 @@ from fedsim.privacy.ledger import compress, event_from_dict, event_to_dict
 
 
 def test_reference_values_from_dp_accounting():
-    # DESIGN.md: q=0.01, sigma=1, T=1000, delta=1e-6 -> PLD 2.1245, RDP 2.4367
+    # docs/architecture.md reference values: q=0.01, sigma=1, T=1000, delta=1e-6 -> PLD 2.1245, RDP 2.4367
     ev = poisson_gaussian_event(0.01, 1.0, 1000)
     assert PldAccountant(1e-4).epsilon(ev, 1e-6) == pytest.approx(2.1245, abs=5e-4)
     assert compute_epsilon(ev, 1e-6, "rdp") == pytest.approx(2.4367, abs=5e-4)

@@ -212,11 +212,17 @@ def accountant_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def _load_optional_backends() -> None:
+#: accountants for every release (`accountant_names`, the per-accountant epsilons of a summary)
+_OPTIONAL_BACKENDS = ("fedsim.privacy.prv", "fedsim.privacy.edgeworth", "fedsim.privacy.lmo")
+#: found by name only (`make_accountant`): ELS's mixture accountant, named by ELS summaries
+_ON_DEMAND_BACKENDS = ("fedsim.privacy.els_accounting",)
+
+
+def _load_optional_backends(modules: tuple[str, ...] = _OPTIONAL_BACKENDS) -> None:
     # Imported lazily: they register themselves. Missing modules are simply absent.
     import importlib
 
-    for mod in ("fedsim.privacy.prv", "fedsim.privacy.edgeworth", "fedsim.privacy.lmo"):
+    for mod in modules:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:  # only tolerate the module itself missing
@@ -225,8 +231,8 @@ def _load_optional_backends() -> None:
 
 
 def make_accountant(name: str, **options) -> Accountant:
-    if name not in _REGISTRY:
-        _load_optional_backends()
+    if name not in _REGISTRY:  # a fresh process (`fedsim account RUN_DIR`) has not imported them yet
+        _load_optional_backends(_OPTIONAL_BACKENDS + _ON_DEMAND_BACKENDS)
     if name not in _REGISTRY:
         raise ConfigError(f"dp.accountant must be one of {sorted(_REGISTRY)}, got {name!r}")
     return _REGISTRY[name](**options)

@@ -1,5 +1,5 @@
 """A cohort worker: trains a list of users from the same global weights and returns the
-sum of their individually clipped deltas (DESIGN.md, "Scale mode").
+sum of their individually clipped deltas (docs/architecture.md, "One ULS round").
 
 Per-user clipping happens before summing, so the sum has the same sensitivity C as in
 the one-user-per-client path: privacy is unchanged. Sensitivity must hold under failure
