@@ -206,6 +206,7 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
     from fedsim.privacy.els_accounting import ElsPldAccountant, els_step_event
     from fedsim.privacy.ledger import PrivacyLedger
     from fedsim.privacy.randomness import SecretRandomness
+    from fedsim.privacy.release import Release, kill_after_recording
     from fedsim.progress import RoundProgress
     from fedsim.rundir import RunWriter, create_run_dir, read_diagnostics, split_metrics_for_resume
     from fedsim.sampling import PoissonSampler
@@ -244,7 +245,6 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
         f" {plan.expected_batch:g}), {plan.steps} steps, {task.flat.numel:,} trainable weights, per-example:"
         f" {clipper.name}, {plan.mechanism.describe()}, target user-level epsilon={plan.target_epsilon}, delta={plan.delta:.3g}")
     stop_reason, steps_done, compute, eps, start = "completed planned steps", 0, 0, 0.0, 1
-    replay_identical = False  # a re-done step is the identical release only in reproducible mode
     if ckpt is None:
         before = task.evaluate(evalset)
         writer.append_metrics({"step": 0, "compute": 0, "eval_loss": before["loss"],
@@ -255,7 +255,6 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
         task.flat.set(ckpt["weights"].to(task.flat.flat.device, task.flat.flat.dtype))
         opt = ServerOptimizer(task.flat.get(), cfg.els.optimizer, cfg.els.lr, cfg.els.momentum)
         opt.load_state_dict(ckpt["optimizer_state"])
-        replay_identical = randomness.reproducible
         start, steps_done, compute = ckpt["step"] + 1, ckpt["step"], int(ckpt.get("compute", 0))
         if "torch" in ckpt.get("rng_states", {}):  # torch's global RNG: dropout (LoRA / local models) in train mode
             torch.set_rng_state(ckpt["rng_states"]["torch"])
@@ -264,18 +263,18 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
         before = {"loss": first["eval_loss"], "perplexity": first["eval_perplexity"]}
         say(f"resuming after step {ckpt['step']} ({len(ledger)} releases in the ledger)")
     after = before
-    crash_step = None if ckpt is not None else cfg.simulation.faults.server_crash_round
+    # guard -> record -> noise -> scale (fedsim/privacy/release.py); divided by the expected batch
+    release = Release(mechanism=plan.mechanism, event=step_event, budget=budget, randomness=randomness, purpose="els",
+                      denominator=plan.expected_batch, resumed=ckpt is not None,
+                      after_record=kill_after_recording(None if ckpt is not None else
+                                                        cfg.simulation.faults.server_crash_round))
     progress = RoundProgress(plan.steps, label="ELS steps")
     with progress:
         for step in range(start, plan.steps + 1):
             t0 = time.time()
-            # budget guard: never start a release that would overspend (a replayed, identical
-            # release recorded before a crash is already counted)
+            # budget guard: never start a release that would overspend
             try:
-                if replay_identical and ledger.has(step, step_event):
-                    eps = budget.spent()
-                else:
-                    eps = budget.check(step_event)
+                eps = release.guard(step)
             except BudgetExceededError as exc:
                 stop_reason = str(exc)
                 say(f"stopping: {exc}")
@@ -284,17 +283,11 @@ def run_els(cfg, say=print, plan: ElsPlan | None = None, run_dir: Path | None = 
             texts = plan.texts(store, sampler.sample(step))
             # forward / backward: sum of per-example gradients clipped to C (zero if the batch is empty)
             res = clipped_sum(clipper, task, texts, clip, cfg.els.micro_batch)
-            # record the release (the event only: the realised batch is a diagnostic), then noise the sum
-            ledger.record(step, step_event, replay_identical=replay_identical)
-            if crash_step == step:  # fault injection: die at the worst moment (release counted, not applied)
-                import os
-                import signal
-
-                os.kill(os.getpid(), signal.SIGKILL)
             signal_norm = float(torch.linalg.vector_norm(task.flat.flat_grad))  # a diagnostic: the unnoised sum
-            noisy, noise_metrics = plan.mechanism.add_noise(task.flat.flat_grad, randomness.stream("els-noise", step))
-            # divide by the expected batch size and step (pseudo-delta = -gradient estimate)
-            update = noisy.div(-plan.expected_batch)
+            # record (the event only), noise, divide by the expected batch; the optimizer steps on
+            # the pseudo-delta -gradient estimate
+            mean_grad, noise_metrics = release.release(step, task.flat.flat_grad)
+            update = mean_grad.neg_()
             task.flat.set(opt.step(update))
             compute += len(texts)
             finite = res.norms[torch.isfinite(res.norms)]

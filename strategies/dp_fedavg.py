@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsim.privacy.budget import PrivacyBudget
 from fedsim.privacy.mechanisms import NoiseMechanism
 from fedsim.privacy.randomness import SecretRandomness
+from fedsim.privacy.release import Release, kill_after_recording
 from fedsim.sampling import PoissonSampler
 from fedsim.training.server_opt import ServerOptimizer
 
@@ -89,11 +90,12 @@ class DPFedAvg(Strategy):
         self.randomness = randomness
         self.sampler = PoissonSampler(num_users, sampling_rate, randomness, "uls-cohort")
         self.users_per_client = users_per_client
-        # a reproducible resume re-draws the same cohort and noise: re-done rounds are identical
-        # releases. A secure resume has a fresh key: a re-done round is a new release, counted.
-        self.replay_identical = replay_identical and randomness.reproducible
-        self.crash_round = crash_after_record_round  # fault injection: the worst moment to die
         self.round_event = dp_event.PoissonSampledDpEvent(sampling_rate, mechanism.dp_event())
+        # guard -> record -> noise -> scale (fedsim/privacy/release.py); `replay_identical`: this
+        # run was resumed (a re-done round is an identical release only in reproducible mode)
+        self.release = Release(mechanism=mechanism, event=self.round_event, budget=budget, randomness=randomness,
+                               purpose="uls", denominator=self.expected_cohort, resumed=replay_identical,
+                               after_record=kill_after_recording(crash_after_record_round))
         self._round: dict = {}
 
     def summary(self) -> None:
@@ -102,10 +104,7 @@ class DPFedAvg(Strategy):
 
     # -- training ------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        if self.replay_identical and self.budget.ledger.has(server_round, self.round_event):
-            eps_after = self.budget.spent()  # re-doing an identical, already counted release
-        else:
-            eps_after = self.budget.check(self.round_event)  # raises BudgetExceededError: never overspend
+        eps_after = self.release.guard(server_round)  # raises BudgetExceededError: never overspend
         cohort = self.sampler.sample(server_round)
         node_ids = sorted(grid.get_node_ids())
         buckets = math.ceil(self.expected_cohort / self.users_per_client)
@@ -162,17 +161,9 @@ class DPFedAvg(Strategy):
             loss_sum += float(met.get("loss-sum", 0.0))
             clipped += int(met.get("num-clipped", 0))
             failed_users += int(met.get("num-failed", 0))
-        # record the release before the noise exists: a crash after this line is counted. The
-        # ledger holds the event only (the realised cohort is a diagnostic, never recorded there)
-        self.budget.ledger.record(server_round, self.round_event, replay_identical=self.replay_identical)
-        if self.crash_round == server_round:
-            import os
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
         signal_norm = float(torch.linalg.vector_norm(total))  # a diagnostic: the unnoised sum
-        noisy, noise_metrics = self.mechanism.add_noise(total, self.randomness.stream("uls-noise", server_round))
-        avg = noisy / self.expected_cohort
+        # record (before the noise exists), noise, divide by the expected cohort; then the server step
+        avg, noise_metrics = self.release.release(server_round, total)
         new = self.server_opt.step(avg)
         metrics = {
             # released (covered by the guarantee): public plan values and the noisy update

@@ -1,0 +1,81 @@
+"""One DP release, as named steps: guard -> record -> noise -> scale.
+
+ULS (`strategies/dp_fedavg.py`) releases a round's sum of per-user clipped deltas; ELS
+(`fedsim/els.py`) a step's sum of per-example clipped gradients. Both call the same unit
+(docs/architecture.md, "One ULS round" steps 1 and 6, "One ELS step" steps 1 and 4):
+
+  guard   the budget guard: the ledger plus this release must fit (ε, δ), else
+          BudgetExceededError and the run stops (`PrivacyBudget.check`);
+  record  the event is appended to the ledger and fsync'ed *before* the noise exists, so a
+          crash after this point never forgets a release;
+  noise   the mechanism adds its noise, drawn from the secret keystream
+          (`SecretRandomness.stream(<purpose>-noise, step)`), to the sum, in place;
+  scale   the noisy sum is divided by the public denominator (expected cohort or batch),
+          which keeps the sensitivity C / denominator whatever was sampled.
+
+A reproducible resume re-draws the identical release for a step already in the ledger: it is
+not counted again (`replay_identical`). A secure resume has a fresh key, so a re-done step is a
+new release and is counted again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from dp_accounting import dp_event
+
+from fedsim.privacy.budget import PrivacyBudget
+from fedsim.privacy.mechanisms import NoiseMechanism
+from fedsim.privacy.randomness import SecretRandomness
+
+
+class Release:
+    """The release of one method: `guard(step)` before the work of a step, `release(step, sum)`
+    after it."""
+
+    def __init__(self, *, mechanism: NoiseMechanism, event: dp_event.DpEvent, budget: PrivacyBudget,
+                 randomness: SecretRandomness, purpose: str, denominator: float, resumed: bool = False,
+                 after_record: Callable[[int], None] | None = None):
+        if not denominator > 0:
+            raise ValueError(f"the release's denominator must be positive, got {denominator!r}")
+        self.mechanism, self.event, self.budget = mechanism, event, budget
+        self.randomness, self.purpose, self.denominator = randomness, purpose, float(denominator)
+        # only a reproducible resume replays identical releases (the same key re-draws them)
+        self.replay_identical = bool(resumed) and randomness.reproducible
+        self.after_record = after_record  # fault injection: the worst moment to die
+
+    @property
+    def ledger(self):
+        return self.budget.ledger
+
+    def guard(self, step: int) -> float:
+        """Epsilon spent once this step's release is made; raises BudgetExceededError if it
+        would overspend (a replayed, identical release recorded before a crash is already counted)."""
+        if self.replay_identical and self.ledger.has(step, self.event):
+            return self.budget.spent()
+        return self.budget.check(self.event)
+
+    def release(self, step: int, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Record, noise `total` in place, scale; returns (noisy sum / denominator, released metrics)."""
+        self.ledger.record(step, self.event, replay_identical=self.replay_identical)
+        if self.after_record is not None:
+            self.after_record(step)
+        noisy, released = self.mechanism.add_noise(total, self.randomness.stream(f"{self.purpose}-noise", step))
+        return noisy.div(self.denominator), released
+
+
+def kill_after_recording(crash_step: int | None) -> Callable[[int], None] | None:
+    """`simulation.faults.server_crash_round`: SIGKILL this process right after that step's
+    release is recorded, before its noise is applied (tests of crash safety)."""
+    if crash_step is None:
+        return None
+
+    def after_record(step: int) -> None:
+        if step == crash_step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return after_record
