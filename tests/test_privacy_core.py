@@ -116,6 +116,23 @@ def test_ledger_round_trips_events_and_compresses(tmp_path):
     assert compute_epsilon(again.total_event(), 1e-5) == pytest.approx(compute_epsilon(poisson_gaussian_event(0.1, 1.1, 5), 1e-5))
 
 
+def test_ledger_run_length_form_matches_the_full_history(tmp_path):
+    # the budget check composes the ledger's run-length form (O(runs), not O(releases)): it must
+    # equal compressing every recorded event, live and after a reload, with extra events appended
+    path = tmp_path / "ledger.jsonl"
+    led = PrivacyLedger(path)
+    a = dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.1))
+    b = dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(2.0))
+    for i, ev in enumerate([a, a, a, b, b, a]):
+        led.record(i + 1, ev)
+    for ledger in (led, PrivacyLedger(path)):
+        assert ledger.total_event() == compress(ledger.events())
+        assert ledger.total_event([a, a]) == compress(ledger.events() + [a, a])
+        assert ledger.total_event([b]) == compress(ledger.events() + [b])
+        assert ledger.has(4, b) and not ledger.has(4, a) and not ledger.has(7, a)
+    assert PrivacyLedger().total_event() == dp_event.NoOpDpEvent()
+
+
 def test_ledger_refuses_unknown_event_types():
     from fedsim.errors import FedsimError
 

@@ -71,32 +71,55 @@ def event_from_dict(d: dict) -> dp_event.DpEvent:
     return cls(**kwargs)
 
 
-def compress(events: list[dp_event.DpEvent]) -> dp_event.DpEvent:
-    """Group runs of identical events into SelfComposedDpEvents (fast PLD/RDP)."""
-    parts: list[dp_event.DpEvent] = []
-    prev, count = None, 0
-    for ev in events:
-        if ev == prev:
-            count += 1
-            continue
-        if prev is not None:
-            parts.append(dp_event.SelfComposedDpEvent(prev, count) if count > 1 else prev)
-        prev, count = ev, 1
-    if prev is not None:
-        parts.append(dp_event.SelfComposedDpEvent(prev, count) if count > 1 else prev)
+def _extend_runs(runs: list[list], event: dp_event.DpEvent) -> None:
+    """Append `event` to a run-length list [[event, count], ...]."""
+    if runs and runs[-1][0] == event:
+        runs[-1][1] += 1
+    else:
+        runs.append([event, 1])
+
+
+def _compose_runs(runs: list[list]) -> dp_event.DpEvent:
+    parts = [dp_event.SelfComposedDpEvent(ev, n) if n > 1 else ev for ev, n in runs]
     if not parts:
         return dp_event.NoOpDpEvent()
     return parts[0] if len(parts) == 1 else dp_event.ComposedDpEvent(parts)
 
 
+def compress(events: list[dp_event.DpEvent]) -> dp_event.DpEvent:
+    """Group runs of identical events into SelfComposedDpEvents (fast PLD/RDP)."""
+    runs: list[list] = []
+    for ev in events:
+        _extend_runs(runs, ev)
+    return _compose_runs(runs)
+
+
 class PrivacyLedger:
-    """Append-only record of releases. `path=None` keeps it in memory (tests, planning)."""
+    """Append-only record of releases. `path=None` keeps it in memory (tests, planning).
+
+    Besides the entries, the ledger keeps their run-length form (consecutive identical events
+    and their count), updated on every `record`: the composed event of a run of T identical
+    releases is one `SelfComposedDpEvent(event, T)` whatever T, so a budget check does not
+    re-read or re-compress the whole history (O(1) in T, not O(T))."""
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else None
         self.entries: list[dict] = []
+        self._runs: list[list] = []  # [event, count] per run of identical events
+        self._steps: set[tuple[int, str]] = set()  # (step, event JSON) of every entry, for `has`
+        self._last_event_dict: dict | None = None
         if self.path is not None and self.path.exists():
-            self.entries = self.read(self.path)
+            for entry in self.read(self.path):
+                self._append(entry)
+
+    def _append(self, entry: dict) -> None:
+        self.entries.append(entry)
+        ev = entry["event"]
+        # deserialise only a new run's first event (DpEvents compare by value)
+        same = self._runs and self._last_event_dict == ev
+        _extend_runs(self._runs, self._runs[-1][0] if same else event_from_dict(ev))
+        self._last_event_dict = ev
+        self._steps.add((int(entry["step"]), json.dumps(ev, sort_keys=True)))
 
     @staticmethod
     def read(path: str | Path) -> list[dict]:
@@ -126,7 +149,7 @@ class PrivacyLedger:
             return False
         ev = event_to_dict(event)
         entry = {"step": int(step), "event": ev, **info}
-        self.entries.append(entry)
+        self._append(entry)
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry) + "\n")
@@ -135,14 +158,18 @@ class PrivacyLedger:
         return True
 
     def has(self, step: int, event: dp_event.DpEvent) -> bool:
-        ev = event_to_dict(event)
-        return any(e["step"] == int(step) and e["event"] == ev for e in self.entries)
+        return (int(step), json.dumps(event_to_dict(event), sort_keys=True)) in self._steps
 
     def events(self) -> list[dp_event.DpEvent]:
         return [event_from_dict(e["event"]) for e in self.entries]
 
     def total_event(self, extra: list[dp_event.DpEvent] | None = None) -> dp_event.DpEvent:
-        return compress(self.events() + list(extra or []))
+        """The composition of every recorded release (and `extra`), runs of identical events as
+        `SelfComposedDpEvent`s: built from the run-length form, O(number of runs)."""
+        runs = [list(run) for run in self._runs]
+        for ev in extra or []:
+            _extend_runs(runs, ev)
+        return _compose_runs(runs)
 
     def __len__(self) -> int:
         return len(self.entries)
