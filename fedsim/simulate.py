@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from fedsim.compat import replacing_dead_ray_actors, set_message_ids_outside_a_superlink
 from fedsim.errors import FedsimError
 
 
@@ -22,13 +23,7 @@ class InProcessGrid:
     """
 
     def __init__(self, cfg, num_nodes: int):
-        from flwr.supercore.task_identity import TaskIdentity
-
-        for attr_name in ("run_id", "node_id", "task_id"):  # Messages need ids outside a SuperLink
-            try:
-                getattr(TaskIdentity, attr_name)
-            except RuntimeError:
-                setattr(TaskIdentity, attr_name, 0)
+        set_message_ids_outside_a_superlink()  # Messages need ids outside a SuperLink
         self.cfg, self._nodes = cfg, list(range(1, num_nodes + 1))
 
     def get_node_ids(self):
@@ -165,7 +160,7 @@ def run_uls(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, dict]
                 nodes = cluster["actors"]  # one cohort worker per actor slot of the whole cluster
             say(f"Ray cluster {cluster['address']}: {cluster['nodes']} node(s), {cluster['cpus']:g} CPUs,"
                 f" {cluster['gpus']:g} GPUs, {cluster['actors']} actor slot(s) of {backend_config['client_resources']}")
-        with _replacing_dead_ray_actors():
+        with replacing_dead_ray_actors():
             run_simulation(
                 server_app=make_server_app(cfg, run_dir, outcome, resume=resume_dir is not None),
                 client_app=make_client_app(cfg),
@@ -252,61 +247,6 @@ def connect_ray_cluster(cfg) -> dict:
                           " (lower simulation.num_cpus / num_gpus)") from None
     return {"address": ray.get_runtime_context().gcs_address, "requested_address": address, "nodes": len(alive),
             "cpus": float(res.get("CPU", 0)), "gpus": gpus, "actors": int(actors)}
-
-
-class _DeadActorSafeBackend:
-    """Mixin over Flower 1.41's `RayBackend`: a Ray actor whose process died mid-message is
-    replaced by a fresh one.
-
-    Flower's `process_message` puts the actor of a failed message back into its pool even
-    when that actor's process is gone, so every later message given to it fails too (measured:
-    one injected kill in a round of 8 lost 7 replies, and every later round lost all but one).
-    Here the message whose worker died still fails (the strategy drops that one reply and
-    counts it; it is not retried, so it can never be summed twice), the dead actor leaves the
-    pool and a new one takes its slot, so the next messages are served normally.
-    """
-
-    def process_message(self, message, context):
-        import ray
-        from flwr.common.constant import PARTITION_ID_KEY
-
-        pool = self.pool
-        if pool is None or self.app_fn is None or not hasattr(pool, "_future_to_actor"):
-            return super().process_message(message, context)
-        future = pool.submit(lambda a, a_fn, mssg, cid, state: a.run.remote(a_fn, mssg, cid, state),
-                             (self.app_fn, message, str(context.node_config[PARTITION_ID_KEY]), context))
-        try:
-            return pool.fetch_result_and_return_actor_to_pool(future)
-        except ray.exceptions.RayActorError:
-            dead = pool._future_to_actor.pop(future, None)
-            try:
-                if dead is not None:
-                    ray.kill(dead)
-            except Exception:  # already gone
-                pass
-            pool.pool.append(pool.create_actor_fn())  # a fresh actor in the dead one's slot
-            logging.getLogger("fedsim").warning("a Ray worker died while handling a message; it was replaced"
-                                                " and its reply is dropped (counted in dropped_replies)")
-            raise
-        except Exception:
-            pool.add_actor_back_to_pool(future)  # the actor is alive: the ClientApp itself failed
-            raise
-
-
-class _replacing_dead_ray_actors:
-    """Context manager: Flower's simulation engine builds `_DeadActorSafeBackend` instead of
-    its `RayBackend` (it imports the class by name when the run starts)."""
-
-    def __enter__(self):
-        import flwr.server.superlink.fleet.vce.backend.raybackend as rb
-
-        self._module, self._original = rb, rb.RayBackend
-        rb.RayBackend = type("FedsimRayBackend", (_DeadActorSafeBackend, rb.RayBackend), {})
-        return self
-
-    def __exit__(self, *exc):
-        self._module.RayBackend = self._original
-        return False
 
 
 def _shutdown_ray() -> None:

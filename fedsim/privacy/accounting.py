@@ -26,9 +26,9 @@ from collections.abc import Callable
 
 from dp_accounting import dp_event
 from dp_accounting import privacy_accountant as dpa
-from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from fedsim.compat import memoised_pld_accountant
 from fedsim.errors import ConfigError
 
 # dp_accounting's RDP logs a warning for every order whose series does not converge
@@ -154,21 +154,6 @@ def _subsampled_gaussian_pld(noise_multiplier: float, q: float, interval: float,
         sampling_prob=q, neighboring_relation=relation)
 
 
-class _MemoPLDAccountant(pld_privacy_accountant.PLDAccountant):
-    """dp_accounting's PLDAccountant with the subsampled-Gaussian PLD memoised; every other
-    event goes through the library unchanged. Same numbers, bit for bit (tested)."""
-
-    def _maybe_compose(self, event, count, do_compose):
-        if (do_compose and isinstance(event, dp_event.PoissonSampledDpEvent)
-                and isinstance(event.event, dp_event.GaussianDpEvent)
-                and event.sampling_probability != 0 and event.event.noise_multiplier != 0):
-            unit = _subsampled_gaussian_pld(float(event.event.noise_multiplier), float(event.sampling_probability),
-                                            self._value_discretization_interval, self.neighboring_relation)
-            self._pld = self._pld.compose(unit.self_compose(count))
-            return None
-        return super()._maybe_compose(event, count, do_compose)
-
-
 class PldAccountant(_DpAccountingBackend):
     """dp_accounting PLD (add/remove neighbours), pessimistic discretisation.
 
@@ -183,7 +168,9 @@ class PldAccountant(_DpAccountingBackend):
         self.value_discretization_interval = value_discretization_interval
 
     def _make(self) -> dpa.PrivacyAccountant:
-        return _MemoPLDAccountant(value_discretization_interval=self.value_discretization_interval)
+        # dp_accounting's PLDAccountant with the subsampled-Gaussian PLD memoised (same numbers,
+        # bit for bit, tested); it overrides a private method, so it lives in fedsim/compat.py
+        return memoised_pld_accountant(self.value_discretization_interval, _subsampled_gaussian_pld)
 
 
 class RdpAccountant(_DpAccountingBackend):

@@ -56,6 +56,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant as _dp_rdp
 from scipy import integrate, optimize, special
 
+from fedsim.compat import rdp_poisson_subsampled_gaussian
 from fedsim.errors import ConfigError
 from fedsim.privacy.accounting import (
     Accountant,
@@ -936,8 +937,7 @@ class LmoFaithfulAccountant(Accountant):
                 return np.zeros(len(ORDERS))
             if isinstance(inner, LmoDpEvent):
                 return np.array(_event_rdp_cached(inner, q))
-            return np.asarray(_dp_rdp._compute_rdp_poisson_subsampled_gaussian(q, inner.noise_multiplier, ORDERS),
-                              dtype=float)
+            return np.asarray(rdp_poisson_subsampled_gaussian(q, inner.noise_multiplier, ORDERS), dtype=float)
         if isinstance(event, dp_event.SelfComposedDpEvent):
             return self._rdp(event.event) * event.count
         if isinstance(event, dp_event.ComposedDpEvent):

@@ -46,6 +46,7 @@ import numpy as np
 from dp_accounting import dp_event
 from scipy import special
 
+from fedsim.compat import prv_accountant_internals
 from fedsim.errors import FedsimError
 from fedsim.privacy.accounting import (
     Accountant,
@@ -156,20 +157,17 @@ def _sgm_rdp(q: float, sigma: float, alpha: float) -> float:
     (0.4 s per (q, sigma) here, 85% of a T=100 accounting call); sizing runs twice per
     direction and calibration repeats it for every sigma tried at the same q.
     """
-    from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism
-
-    return float(PoissonSubsampledGaussianMechanism(q, sigma).rdp(alpha))
+    return float(prv_accountant_internals().PoissonSubsampledGaussianMechanism(q, sigma).rdp(alpha))
 
 
 def _make_prv_classes():
     # Imported lazily: prv_accountant pulls scipy.signal; the CLI stays fast.
-    from prv_accountant.privacy_random_variables import (
-        GaussianMechanism,
-        PoissonSubsampledGaussianMechanism,
-        PrivacyRandomVariable,
-        PrivacyRandomVariableTruncated,
-    )
     from scipy import integrate
+
+    prv = prv_accountant_internals()
+    GaussianMechanism, PrivacyRandomVariable = prv.GaussianMechanism, prv.PrivacyRandomVariable
+    PoissonSubsampledGaussianMechanism = prv.PoissonSubsampledGaussianMechanism
+    PrivacyRandomVariableTruncated = prv.PrivacyRandomVariableTruncated
 
     class AddPrv(_PoissonSubsampledGaussianAdd, PrivacyRandomVariable):
         pass
@@ -211,17 +209,14 @@ def _compose(prvs, kinks, n: list[int], eps_error: float, delta_error: float):
     and ``compute_composition`` (domain from Remark 5.6, mesh from Theorem 5.5 of arXiv
     2106.02848, cell-centred discretisation, FFT self-composition, convolution tree),
     with `TruncatedPrv` in place of the library's truncation (see its docstring)."""
-    from prv_accountant import composers, discretisers
-    from prv_accountant.accountant import compute_safe_domain_size
-    from prv_accountant.domain import Domain
-
+    lib = prv_accountant_internals()
     *_, truncated = _make_prv_classes()
-    half_width = compute_safe_domain_size(prvs, n, eps_error=eps_error, delta_error=delta_error)
+    half_width = lib.compute_safe_domain_size(prvs, n, eps_error=eps_error, delta_error=delta_error)
     mesh = eps_error / math.sqrt(sum(n) / 2 * math.log(12 / delta_error))
-    domain = Domain.create_aligned(-half_width, half_width, mesh)
+    domain = lib.Domain.create_aligned(-half_width, half_width, mesh)
     tprvs = [truncated(p, domain.t_min(), domain.t_max(), k) for p, k in zip(prvs, kinks)]
-    dprvs = [discretisers.CellCentred().discretise(t, domain) for t in tprvs]
-    return composers.Heterogeneous(dprvs).compute_composition(num_self_compositions=list(n))
+    dprvs = [lib.discretisers.CellCentred().discretise(t, domain) for t in tprvs]
+    return lib.composers.Heterogeneous(dprvs).compute_composition(num_self_compositions=list(n))
 
 
 class PrvAccountant(Accountant):
@@ -270,8 +265,7 @@ class PrvAccountant(Accountant):
     # -- composition -------------------------------------------------------------------
     def _fit_eps_error(self, prvs, n: list[int], delta_error: float) -> float:
         """The smallest eps_error >= self.eps_error whose domain has <= max_domain_points."""
-        from prv_accountant.accountant import compute_safe_domain_size
-
+        compute_safe_domain_size = prv_accountant_internals().compute_safe_domain_size
         eps_error = self.eps_error
         for _ in range(4):  # L depends on eps_error only through max(L, eps_error): converges fast
             with np.errstate(all="ignore"), warnings.catch_warnings():

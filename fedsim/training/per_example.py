@@ -408,7 +408,9 @@ class OpacusClipper(PerExampleClipper):
         self.gsm.disable_hooks()  # only on inside this clipper's own steps
 
     def close(self) -> None:
-        self.gsm._close()
+        from fedsim.compat import close_grad_sample_module
+
+        close_grad_sample_module(self.gsm)
 
     def _clip_and_accumulate(self, batch, clip_norm: float) -> ClipResult:
         n = batch["input_ids"].shape[0]

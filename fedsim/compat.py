@@ -1,0 +1,181 @@
+"""Every use of another library's private or internal API, in one place.
+
+fedsim relies on a few internals that the libraries do not promise to keep:
+
+| library | internal used | where it serves |
+| --- | --- | --- |
+| flwr 1.41.0 | `flwr.supercore.task_identity.TaskIdentity` globals | messages outside a SuperLink (the in-process grid) |
+| flwr 1.41.0 | `RayBackend` (swapped by name) and its actor pool's `_future_to_actor`, `pool`, `create_actor_fn` | replacing a dead Ray actor |
+| dp-accounting 0.6.0 | `rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian` | RDP of the Poisson-subsampled Gaussian (LMO-faithful composition) |
+| opacus 1.6.0 | `GradSampleModule._close` | removing Opacus' hooks (ELS `per_example: opacus`) |
+| prv-accountant 0.2.0 | `composers`, `discretisers`, `domain.Domain`, `accountant.compute_safe_domain_size`, `privacy_random_variables` classes | the PRV accountant's own composition steps (`fedsim/privacy/prv.py`) |
+
+Each accessor first checks that the installed version is the one fedsim was tested with
+(`TESTED`, the pins of pyproject.toml) and otherwise raises `UntestedVersionError`, a one-line
+error, so an upgrade fails loudly here instead of misbehaving somewhere else. This module
+imports nothing from fedsim but its errors: every layer may use it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from types import SimpleNamespace
+
+from fedsim.errors import FedsimError
+
+#: the versions whose internals fedsim was written and tested against (pyproject.toml pins them)
+TESTED = {"flwr": "1.41.0", "dp-accounting": "0.6.0", "opacus": "1.6.0", "prv-accountant": "0.2.0"}
+
+
+class UntestedVersionError(FedsimError):
+    """An installed library's version is not the one whose internals fedsim uses."""
+
+
+def require_tested(dist: str) -> None:
+    """Raise UntestedVersionError unless `dist` is installed at its TESTED version."""
+    installed = importlib.metadata.version(dist)
+    if installed != TESTED[dist]:
+        raise UntestedVersionError(
+            f"fedsim uses internals of {dist} {TESTED[dist]}, but {dist} {installed} is installed: install"
+            f" {dist}=={TESTED[dist]} (as pyproject.toml pins it), or port fedsim/compat.py to {installed}")
+
+
+# -- flwr ---------------------------------------------------------------------------------------
+def set_message_ids_outside_a_superlink() -> None:
+    """Flower Messages need run/node/task ids, which only a SuperLink sets: set them to 0."""
+    require_tested("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr_name in ("run_id", "node_id", "task_id"):
+        try:
+            getattr(TaskIdentity, attr_name)
+        except RuntimeError:
+            setattr(TaskIdentity, attr_name, 0)
+
+
+class _DeadActorSafeBackend:
+    """Mixin over Flower 1.41's `RayBackend`: a Ray actor whose process died mid-message is
+    replaced by a fresh one.
+
+    Flower's `process_message` puts the actor of a failed message back into its pool even
+    when that actor's process is gone, so every later message given to it fails too (measured:
+    one injected kill in a round of 8 lost 7 replies, and every later round lost all but one).
+    Here the message whose worker died still fails (the strategy drops that one reply and
+    counts it; it is not retried, so it can never be summed twice), the dead actor leaves the
+    pool and a new one takes its slot, so the next messages are served normally.
+    """
+
+    def process_message(self, message, context):
+        import ray
+        from flwr.common.constant import PARTITION_ID_KEY
+
+        pool = self.pool
+        if pool is None or self.app_fn is None or not hasattr(pool, "_future_to_actor"):
+            return super().process_message(message, context)
+        future = pool.submit(lambda a, a_fn, mssg, cid, state: a.run.remote(a_fn, mssg, cid, state),
+                             (self.app_fn, message, str(context.node_config[PARTITION_ID_KEY]), context))
+        try:
+            return pool.fetch_result_and_return_actor_to_pool(future)
+        except ray.exceptions.RayActorError:
+            dead = pool._future_to_actor.pop(future, None)
+            try:
+                if dead is not None:
+                    ray.kill(dead)
+            except Exception:  # already gone
+                pass
+            pool.pool.append(pool.create_actor_fn())  # a fresh actor in the dead one's slot
+            logging.getLogger("fedsim").warning("a Ray worker died while handling a message; it was replaced"
+                                                " and its reply is dropped (counted in dropped_replies)")
+            raise
+        except Exception:
+            pool.add_actor_back_to_pool(future)  # the actor is alive: the ClientApp itself failed
+            raise
+
+
+class replacing_dead_ray_actors:
+    """Context manager: Flower's simulation engine builds `_DeadActorSafeBackend` instead of
+    its `RayBackend` (it imports the class by name when the run starts)."""
+
+    def __enter__(self):
+        require_tested("flwr")
+        import flwr.server.superlink.fleet.vce.backend.raybackend as rb
+
+        self._module, self._original = rb, rb.RayBackend
+        rb.RayBackend = type("FedsimRayBackend", (_DeadActorSafeBackend, rb.RayBackend), {})
+        return self
+
+    def __exit__(self, *exc):
+        self._module.RayBackend = self._original
+        return False
+
+
+# -- dp-accounting --------------------------------------------------------------------------------
+def rdp_poisson_subsampled_gaussian(q: float, noise_multiplier: float, orders):
+    """dp_accounting's RDP of the Poisson-subsampled Gaussian at `orders`."""
+    require_tested("dp-accounting")
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    return rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian(q, noise_multiplier, orders)
+
+
+_MEMO_PLD_CLASS = None
+
+
+def memoised_pld_accountant(value_discretization_interval: float, subsampled_gaussian_pld):
+    """dp_accounting's PLDAccountant whose Poisson-subsampled Gaussian releases are composed from
+    `subsampled_gaussian_pld(sigma, q, interval, neighboring_relation)` (a PLD the caller
+    memoises); every other event goes through the library unchanged. It overrides the private
+    `_maybe_compose` and reads `_pld` and `_value_discretization_interval`."""
+    global _MEMO_PLD_CLASS
+    require_tested("dp-accounting")
+    if _MEMO_PLD_CLASS is None:
+        from dp_accounting import dp_event
+        from dp_accounting.pld import pld_privacy_accountant
+
+        class MemoPLDAccountant(pld_privacy_accountant.PLDAccountant):
+            unit_pld = None  # set per instance below
+
+            def _maybe_compose(self, event, count, do_compose):
+                if (do_compose and isinstance(event, dp_event.PoissonSampledDpEvent)
+                        and isinstance(event.event, dp_event.GaussianDpEvent)
+                        and event.sampling_probability != 0 and event.event.noise_multiplier != 0):
+                    unit = self.unit_pld(float(event.event.noise_multiplier), float(event.sampling_probability),
+                                         self._value_discretization_interval, self.neighboring_relation)
+                    self._pld = self._pld.compose(unit.self_compose(count))
+                    return None
+                return super()._maybe_compose(event, count, do_compose)
+
+        _MEMO_PLD_CLASS = MemoPLDAccountant
+    acc = _MEMO_PLD_CLASS(value_discretization_interval=value_discretization_interval)
+    acc.unit_pld = subsampled_gaussian_pld
+    return acc
+
+
+# -- opacus ----------------------------------------------------------------------------------------
+def close_grad_sample_module(gsm) -> None:
+    """Remove Opacus' hooks from the wrapped model (GradSampleModule has no public close)."""
+    require_tested("opacus")
+    gsm._close()
+
+
+# -- prv-accountant --------------------------------------------------------------------------------
+def prv_accountant_internals() -> SimpleNamespace:
+    """The modules and classes of prv_accountant's composition steps that fedsim's PRV accountant
+    reuses (imported lazily: prv_accountant pulls scipy.signal)."""
+    require_tested("prv-accountant")
+    from prv_accountant import composers, discretisers
+    from prv_accountant.accountant import compute_safe_domain_size
+    from prv_accountant.domain import Domain
+    from prv_accountant.privacy_random_variables import (
+        GaussianMechanism,
+        PoissonSubsampledGaussianMechanism,
+        PrivacyRandomVariable,
+        PrivacyRandomVariableTruncated,
+    )
+
+    return SimpleNamespace(composers=composers, discretisers=discretisers, Domain=Domain,
+                           compute_safe_domain_size=compute_safe_domain_size, GaussianMechanism=GaussianMechanism,
+                           PoissonSubsampledGaussianMechanism=PoissonSubsampledGaussianMechanism,
+                           PrivacyRandomVariable=PrivacyRandomVariable,
+                           PrivacyRandomVariableTruncated=PrivacyRandomVariableTruncated)
