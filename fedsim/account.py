@@ -181,6 +181,17 @@ def sigma_rows(q, steps, delta, target, k, names, vdi) -> list[dict]:
 # --- RUN_DIR ------------------------------------------------------------------------------------
 
 
+def run_dirs_of(path: str) -> list[Path]:
+    """The run directories under `path`: itself (a ULS or ELS run), or the method runs of a
+    `fedsim compare` directory (its subdirectories that hold a ledger)."""
+    d = Path(path)
+    if d.is_dir() and not (d / "privacy_ledger.jsonl").is_file():
+        subs = sorted(p for p in d.iterdir() if (p / "privacy_ledger.jsonl").is_file())
+        if subs:
+            return subs
+    return [d]
+
+
 def check_run_dir(run_dir: str) -> dict:
     """Recompute a run's epsilon from its ledger with its accountant; compare to summary.json."""
     from fedsim.errors import FedsimError
@@ -269,15 +280,17 @@ def _run(args) -> int:
     if args.run_dir is not None:
         if any(getattr(args, f) is not None for f in ("q", "sigma", "steps", "delta", "epsilon", "find", "k")):
             raise _UsageError("give either RUN_DIR or --q/--sigma/--steps/--delta, not both")
-        res = check_run_dir(args.run_dir)
+        results = [check_run_dir(str(d)) for d in run_dirs_of(args.run_dir)]
         if args.json:
-            print(json.dumps(res, indent=2))
+            print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
         else:
-            verdict = "matches" if res["match"] else "DOES NOT MATCH"
-            print(f"{res['run_dir']}: {res['releases']} releases, accountant {res['accountant']}, delta {res['delta']:g}")
-            print(f"epsilon in summary.json: {_fmt(res['epsilon_summary'], '.6g')}; recomputed from the ledger: "
-                  f"{_fmt(res['epsilon_ledger'], '.6g')} -> {verdict} (rtol {MATCH_RTOL:g})")
-        return 0 if res["match"] else 1
+            for res in results:
+                verdict = "matches" if res["match"] else "DOES NOT MATCH"
+                print(f"{res['run_dir']}: {res['releases']} releases, accountant {res['accountant']},"
+                      f" delta {res['delta']:g}")
+                print(f"epsilon in summary.json: {_fmt(res['epsilon_summary'], '.6g')}; recomputed from the ledger: "
+                      f"{_fmt(res['epsilon_ledger'], '.6g')} -> {verdict} (rtol {MATCH_RTOL:g})")
+        return 0 if all(res["match"] for res in results) else 1
 
     _validate(args)
     names = [n.strip() for n in args.accountants.split(",") if n.strip()]

@@ -227,11 +227,17 @@ def test_corrupt_checkpoint_through_the_cli(finished_runs, tmp_path, capsys, met
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing written, moved or removed
 
 
-@pytest.mark.parametrize("method", ["ULS", "ELS"])
-def test_fedsim_account_rechecks_every_kind_of_run_directory_in_a_fresh_process(finished_runs, method):
-    # a fresh interpreter: an accountant that only registers itself on import (els_pld) must still
-    # be found from the name a summary.json gives
-    p = subprocess.run([sys.executable, "-m", "fedsim.cli", "account", str(finished_runs[method])],
+def test_fedsim_account_rechecks_uls_els_and_compare_directories_in_a_fresh_process(finished_runs, tmp_path):
+    # one fresh interpreter: an accountant that only registers itself on import (els_pld) must be
+    # found from the name an ELS summary.json gives; a `fedsim compare` directory (uls/ and els/
+    # runs side by side) is rechecked method by method
+    import shutil
+
+    compare_dir = tmp_path / "compare"
+    for method, sub in (("ULS", "uls"), ("ELS", "els")):
+        shutil.copytree(finished_runs[method], compare_dir / sub)
+    p = subprocess.run([sys.executable, "-m", "fedsim.cli", "account", str(compare_dir)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-1500:]
     assert "Traceback" not in p.stderr
+    assert p.stdout.count("-> matches") == 2 and "accountant els_pld" in p.stdout and "accountant pld" in p.stdout

@@ -116,6 +116,7 @@ def _tiny_run(tmp_path, users: int, name: str):
     return summary, peak
 
 
+@pytest.mark.slow  # ~70 s: a 10^5-user end-to-end run (README: `-m slow` runs the large populations)
 def test_a_1e5_user_uls_run_completes_and_python_memory_does_not_grow_with_the_population(tmp_path):
     _tiny_run(tmp_path, 1000, "warm-up")  # one-time costs (imports, caches) are traced by whichever run is first
     small, peak_small = _tiny_run(tmp_path, 1000, "n1e3")
