@@ -101,7 +101,7 @@ def test_a_client_slower_than_the_timeout_is_dropped_on_ray(tmp_path):
     rounds = 2
     cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "simulation.backend=ray",
                                               f"run.rounds={rounds}", "uls.expected_cohort=6",
-                                              "simulation.faults.hang_rate=0.15", "simulation.faults.seed=4",  # one hang, in round 2
+                                              "simulation.faults.hang_rate=0.15", "simulation.faults.seed=5",  # one hang, in round 2 (of the cohorts drawn from run.seed)
                                               "simulation.faults.hang_seconds=60", "simulation.timeout=40"])
     run_dir, summary = run_uls(cfg, say=lambda *_: None)
     rows = read_diagnostics(run_dir)[1:]
