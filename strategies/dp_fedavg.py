@@ -86,8 +86,7 @@ class DPFedAvg(Strategy):
         # the public denominator: uls.expected_cohort (= qN unless q is set directly)
         self.expected_cohort = expected_cohort if expected_cohort is not None else sampling_rate * num_users
         self.mechanism, self.server_opt, self.budget = mechanism, server_optimizer, budget
-        # the cohort and the noise: both from the one secret source (keystreams per round)
-        self.randomness = randomness
+        # the cohort and (in `self.release`) the noise: both from the one secret source
         self.sampler = PoissonSampler(num_users, sampling_rate, randomness, "uls-cohort")
         self.users_per_client = users_per_client
         self.round_event = dp_event.PoissonSampledDpEvent(sampling_rate, mechanism.dp_event())
