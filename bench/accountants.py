@@ -49,19 +49,27 @@ PLD_VDI = 1e-4
 
 
 def _accountants():
-    from fedsim.privacy.accounting import PldAccountant, RdpAccountant
+    from fedsim.privacy.accounting import pld_accountant, rdp_accountant
     from fedsim.privacy.edgeworth import EdgeworthAccountant
     from fedsim.privacy.prv import PrvAccountant
 
-    # max_domain_points 1e6 (default 3e6): the library FFTs in long double, 3e6 points take
-    # ~20 s per call at T=1e5; above the cap eps_error is widened (recorded per setting).
-    return {"pld": PldAccountant(PLD_VDI), "rdp": RdpAccountant(), "prv": PrvAccountant(max_domain_points=1_000_000),
-            "edgeworth": EdgeworthAccountant(pld_value_discretization_interval=PLD_VDI)}
+    # fresh-accountant factories (accountants are stateful). max_domain_points 1e6 (default
+    # 3e6): the library FFTs in long double, 3e6 points take ~20 s per call at T=1e5; above
+    # the cap eps_error is widened (recorded per setting).
+    return {"pld": lambda: pld_accountant(PLD_VDI), "rdp": rdp_accountant,
+            "prv": lambda: PrvAccountant(max_domain_points=1_000_000),
+            "edgeworth": lambda: EdgeworthAccountant(value_discretization_interval=PLD_VDI)}
 
 
-def _timed(fn, *args):
+def _eps(make, event, delta):
+    from fedsim.privacy.accounting import epsilon
+
+    return epsilon(make(), event, delta)
+
+
+def _timed(fn):
     t0 = time.perf_counter()
-    out = fn(*args)
+    out = fn()
     return out, time.perf_counter() - t0
 
 
@@ -74,12 +82,13 @@ def one_setting(acc, q, sigma, steps, delta) -> dict:
     from fedsim.privacy.accounting import poisson_gaussian_event
 
     ev = poisson_gaussian_event(q, sigma, steps)
-    pld, t_pld = _timed(acc["pld"].epsilon, ev, delta)
-    rdp, t_rdp = _timed(acc["rdp"].epsilon, ev, delta)
-    prv, t_prv = _timed(acc["prv"].epsilon_bounds, ev, delta)
-    bound, t_bound = _timed(acc["edgeworth"].epsilon_bound, ev, delta)
-    approx, t_approx = _timed(acc["edgeworth"].epsilon_approximation, ev, delta)
-    # The registered accountant's rule (EdgeworthAccountant._reported), reusing this PLD value.
+    pld, t_pld = _timed(lambda: _eps(acc["pld"], ev, delta))
+    rdp, t_rdp = _timed(lambda: _eps(acc["rdp"], ev, delta))
+    prv, t_prv = _timed(lambda: acc["prv"]().compose(ev).epsilon_bounds(delta))
+    edgeworth, t_edgeworth = _timed(lambda: acc["edgeworth"]().compose(ev))  # its PLD is composed alongside
+    bound, t_bound = _timed(lambda: edgeworth.epsilon_bound(delta))
+    approx, t_approx = _timed(lambda: edgeworth.epsilon_approximation(delta))
+    # The registered accountant's rule (EdgeworthAccountant.epsilon_report), reusing this PLD value.
     reported = max(bound, pld) if math.isfinite(bound) else pld
     return {
         "q": q, "sigma": sigma, "steps": steps, "delta": delta,
@@ -88,7 +97,8 @@ def one_setting(acc, q, sigma, steps, delta) -> dict:
         "prv_eps_error": prv.eps_error,
         "edgeworth_source": "edgeworth-bound" if math.isfinite(bound) else "pld-fallback",
         # the reported Edgeworth value needs the bound and the PLD value
-        "seconds": {"pld": t_pld, "rdp": t_rdp, "prv": t_prv, "edgeworth": t_bound + t_pld, "edgeworth_approx": t_approx},
+        "seconds": {"pld": t_pld, "rdp": t_rdp, "prv": t_prv, "edgeworth": t_edgeworth + t_bound,
+                    "edgeworth_approx": t_approx},
     }
 
 
@@ -133,7 +143,7 @@ def _calibrate_in(make, eps: float, delta: float, acc, lo: float, hi: float) -> 
     from fedsim.privacy.calibration import calibrate_noise, log_bisect
 
     def e(s):
-        return acc.epsilon(make(s), delta)
+        return _eps(acc, make(s), delta)
 
     if not (e(hi) <= eps < e(lo)):
         return calibrate_noise(make, eps, delta, acc, guess=hi)
@@ -165,7 +175,7 @@ def calibrations(acc, targets: dict) -> dict:
         # If the bound is vacuous at sigma_PLD, the reported value equals PLD there (<= target)
         # and exceeds the target for any smaller sigma (PLD does), so sigma_EW = sigma_PLD
         # exactly; only a finite bound needs its own search.
-        (bound, secs["edgeworth"]) = _timed(acc["edgeworth"].epsilon_bound, make(sig["pld"]), delta)
+        (bound, secs["edgeworth"]) = _timed(lambda: acc["edgeworth"]().compose(make(sig["pld"])).epsilon_bound(delta))
         if math.isfinite(bound):
             sig["edgeworth"], t = _timed(lambda: calibrate_noise(make, eps, delta, acc["edgeworth"], guess=sig["pld"]))
             secs["edgeworth"] += t
@@ -183,7 +193,6 @@ def calibrations(acc, targets: dict) -> dict:
 
 
 def eps_vs_steps(acc, quick: bool) -> dict:
-    from fedsim.privacy.accounting import poisson_gaussian_event
 
     steps = [10, 100, 1000, 10**4] if quick else [10, 30, 100, 300, 1000, 3000, 10**4, 3 * 10**4, 10**5]
     curves = {k: [] for k in ("pld", "rdp", "prv", "edgeworth", "edgeworth_approx")}
@@ -230,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     acc = _accountants()
     for a in acc.values():  # first-call imports out of the timings
-        a.epsilon(poisson_gaussian_event(0.5, 1.0, 2), 1e-5)
+        _eps(a, poisson_gaussian_event(0.5, 1.0, 2), 1e-5)
     grid = QUICK if args.quick else FULL
     started = time.perf_counter()
     settings, dropped = [], 0
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if steps >= 10**5 and delta < 1e-5 and not args.quick:  # the slowest PRV calls; 1e-5 kept
             dropped += 1
             continue
-        if acc["rdp"].epsilon(poisson_gaussian_event(q, sigma, steps), delta) > args.max_eps:
+        if _eps(acc["rdp"], poisson_gaussian_event(q, sigma, steps), delta) > args.max_eps:
             dropped += 1
             continue
         settings.append((q, sigma, steps, delta))

@@ -46,8 +46,8 @@ def _timed_save(records: list):
 def one_run(method: str, every: int, out: Path, rounds: int) -> dict:
     import fedsim.checkpoint as ck
     from fedsim.config import load_config
-    from fedsim.els import run_els
-    from fedsim.simulate import run_uls
+    from fedsim.loop import run_els
+    from fedsim.loop import run_uls
 
     saves: list[float] = []
     original, wrapper = _timed_save(saves)

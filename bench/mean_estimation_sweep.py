@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 def calibrations(me, n, delta, say) -> dict:
     """sigma for every (method shape, budget, epsilon); cached on disk by its key."""
-    from fedsim.models.causal_lm import cache_dir
+    from fedsim.rundir import cache_dir
     from fedsim.privacy.calibration import calibrate_gaussian_noise_multiplier
     from fedsim.privacy.els_accounting import calibrate_els_noise
 
@@ -60,7 +60,7 @@ def calibrations(me, n, delta, say) -> dict:
         if kind == "uls":
             cache[key] = calibrate_gaussian_noise_multiplier(q, steps, eps, delta)
         else:
-            cache[key] = calibrate_els_noise(k, q, steps, eps, delta, interval=me.accounting_interval, rtol=1e-2)
+            cache[key] = calibrate_els_noise(k, q, steps, eps, delta, interval=me.accounting_interval)
         say(f"  calibrated {i + 1}/{len(todo)} {key}: sigma={cache[key]:.4g} ({time.time() - t0:.0f}s)")
         path.write_text(json.dumps(cache, indent=1))
     return cache
@@ -71,7 +71,7 @@ def sweep(cfg, say=print) -> dict:
 
     from fedsim.models.mean_estimation import MeanEstimationProblem, run_els, run_uls
     from fedsim.privacy.mechanisms import GaussianMechanism
-    from fedsim.uls import default_delta
+    from fedsim.plan import default_delta
 
     me, n = cfg.mean_estimation, cfg.data.num_users
     delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n)

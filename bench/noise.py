@@ -69,7 +69,7 @@ def time_noise(d: int, reps: int) -> dict:
 def default_round_seconds(rounds: int) -> dict:
     from fedsim.config import load_config
     from fedsim.rundir import read_diagnostics
-    from fedsim.simulate import run_uls
+    from fedsim.loop import run_uls
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(ROOT / "configs" / "default.yaml",

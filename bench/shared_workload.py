@@ -155,7 +155,7 @@ def run_floor(args, compile_model: bool = False) -> dict:
 # -- (ii)-(iv) fedsim --------------------------------------------------------------------------
 def run_fedsim(args, variant: str) -> dict:
     from fedsim.config import load_config
-    from fedsim.simulate import run_uls
+    from fedsim.loop import run_uls
 
     extra = {
         "fedsim_node": ["uls.users_per_client=1"],

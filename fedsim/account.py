@@ -17,6 +17,7 @@ Heavy imports (dp_accounting, prv_accountant, scipy, rich) happen inside the fun
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -65,43 +66,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _event_factory(q: float, steps: int, k: int | None):
-    """sigma -> the DpEvent of `steps` releases (ULS Poisson-Gaussian, or ELS mixture if k)."""
-    from dp_accounting import dp_event
+    """sigma -> the DpEvent of `steps` releases (ULS Poisson-Gaussian, or the ELS mixture with k)."""
+    from fedsim.privacy.mechanisms import GaussianMechanism
 
-    from fedsim.privacy.accounting import check_noise_multiplier, poisson_gaussian_event
-
-    if k is None:
-        return lambda sigma: poisson_gaussian_event(q, sigma, steps)
-    from scipy import stats
-
-    # A user holds k examples, each Poisson-sampled with probability q: the user's
-    # sensitivity in a step is c ~ Binomial(k, q) (docs/architecture.md, "One ELS step").
-    sens = [float(c) for c in range(k + 1)]
-    probs = [float(p) for p in stats.binom.pmf(range(k + 1), k, q)]
-
-    def make(sigma: float):
-        check_noise_multiplier(sigma, "sigma")
-        one = dp_event.MixtureOfGaussiansDpEvent(sigma, sens, probs)
-        return dp_event.SelfComposedDpEvent(one, steps)
-
-    return make
+    return lambda sigma: GaussianMechanism(1.0, sigma).run_event(q, steps, k)
 
 
 def _make(name: str, vdi: float):
-    from fedsim.privacy.accounting import PldAccountant, make_accountant
+    """A fresh accountant; pld and edgeworth share the PLD discretisation, so "never below PLD"
+    holds row to row."""
+    from fedsim.privacy.accounting import make_accountant
 
-    if name == "pld":
-        return PldAccountant(value_discretization_interval=vdi)
-    if name == "edgeworth":
-        from fedsim.privacy.edgeworth import EdgeworthAccountant
-
-        # same PLD discretisation as the pld row, so "never below PLD" holds row to row
-        return EdgeworthAccountant(pld_value_discretization_interval=vdi)
     if name == "edgeworth-approx":
         from fedsim.privacy.edgeworth import EdgeworthApproximation
 
-        return EdgeworthApproximation()
-    return make_accountant(name)
+        return EdgeworthApproximation(vdi)
+    return make_accountant(name, **({"value_discretization_interval": vdi} if name in ("pld", "edgeworth") else {}))
 
 
 def _num(x: float | None):
@@ -116,7 +96,7 @@ def _warm_up(acc, make_event) -> None:
     one = make_event(1.0)
     one = one.event if isinstance(one, dp_event.SelfComposedDpEvent) else one
     if acc.supports(one):
-        acc.epsilon(one, 0.5)
+        copy.deepcopy(acc).compose(one).get_epsilon(0.5)
 
 
 def epsilon_rows(q, sigma, steps, delta, k, names, vdi) -> list[dict]:
@@ -127,24 +107,25 @@ def epsilon_rows(q, sigma, steps, delta, k, names, vdi) -> list[dict]:
     for name in names:
         acc = _make(name, vdi)
         _warm_up(acc, make_event)
-        row = {"accountant": name, "kind": BOUND if acc.is_upper_bound else APPROX, "epsilon": None,
+        row = {"accountant": name, "kind": BOUND if getattr(acc, "is_upper_bound", True) else APPROX, "epsilon": None,
                "seconds": None, "note": ""}
         if not acc.supports(event):
             row["note"] = "unsupported event"
             rows.append(row)
             continue
         t0 = time.perf_counter()
+        acc.compose(event)
         if name == "edgeworth":
-            rep = acc.epsilon_report(event, delta)  # the approximation in it costs ~1% of this
+            rep = acc.epsilon_report(delta)  # the approximation in it costs ~1% of this
             row["epsilon"] = rep.reported
             row["note"] = (f"Edgeworth finite-sample bound {rep.bound:.4g}" if rep.source == "edgeworth-bound"
                            else "Edgeworth bound vacuous at this delta: PLD fallback")
         elif name == "prv":
-            b = acc.epsilon_bounds(event, delta)
+            b = acc.epsilon_bounds(delta)
             row["epsilon"] = b.upper
             row["note"] = f"estimate {b.estimate:.4f}, lower {b.lower:.4f}, eps_error {b.eps_error:.3g}"
         else:
-            row["epsilon"] = acc.epsilon(event, delta)
+            row["epsilon"] = float(acc.get_epsilon(delta))
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
     return rows
@@ -152,14 +133,13 @@ def epsilon_rows(q, sigma, steps, delta, k, names, vdi) -> list[dict]:
 
 def sigma_rows(q, steps, delta, target, k, names, vdi) -> list[dict]:
     """One row per accountant: the calibrated noise multiplier for (target, delta)."""
-    from fedsim.errors import ConfigError
     from fedsim.privacy.calibration import calibrate_noise
 
     make_event = _event_factory(q, steps, k)
     rows = []
     for name in names:
         acc = _make(name, vdi)
-        row = {"accountant": name, "kind": BOUND if acc.is_upper_bound else APPROX, "sigma": None,
+        row = {"accountant": name, "kind": BOUND if getattr(acc, "is_upper_bound", True) else APPROX, "sigma": None,
                "epsilon_at_sigma": None, "seconds": None, "note": ""}
         if not acc.supports(make_event(1.0)):
             row["note"] = "unsupported event"
@@ -167,15 +147,34 @@ def sigma_rows(q, steps, delta, target, k, names, vdi) -> list[dict]:
             continue
         t0 = time.perf_counter()
         try:
-            sigma = calibrate_noise(make_event, target, delta, acc)
-        except ConfigError as exc:  # no noise up to the search limit meets the target
+            sigma = calibrate_noise(make_event, target, delta, lambda: _make(name, vdi))
+        except ValueError as exc:  # no noise up to the search limit meets the target
             row["note"] = str(exc)
         else:
             row["sigma"] = sigma
-            row["epsilon_at_sigma"] = acc.epsilon(make_event(sigma), delta)
+            row["epsilon_at_sigma"] = float(_make(name, vdi).compose(make_event(sigma)).get_epsilon(delta))
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
     return rows
+
+
+def epsilon_by_accountant(ledger, delta: float) -> dict:
+    """Epsilon of a ledger under every accountant that supports it (a string for one that fails)."""
+    from dp_accounting.privacy_accountant import UnsupportedEventError
+
+    from fedsim.privacy.accounting import accountant_names, epsilon, make_accountant
+
+    if len(ledger) == 0:
+        return {}
+    event, out = ledger.total_event(), {}
+    for name in accountant_names():
+        acc = make_accountant(name)
+        try:
+            if acc.supports(event):
+                out[name] = epsilon(acc, event, delta)
+        except (UnsupportedEventError, ValueError, FloatingPointError) as exc:
+            out[name] = f"unavailable: {type(exc).__name__}"
+    return out
 
 
 # --- RUN_DIR ------------------------------------------------------------------------------------
@@ -221,7 +220,10 @@ def check_run_dir(run_dir: str) -> dict:
     claimed = math.inf if claimed is None or claimed in ("inf", "Infinity") else float(claimed)
     options = summary.get("accountant_options") or {}
     t0 = time.perf_counter()
-    recomputed = compute_epsilon(total, float(summary["delta"]), summary["accountant"], **options)
+    try:
+        recomputed = compute_epsilon(total, float(summary["delta"]), summary["accountant"], **options)
+    except (ValueError, TypeError) as exc:
+        raise FedsimError(f"{summary_path}: cannot recompute epsilon ({exc})") from None
     seconds = time.perf_counter() - t0
     if math.isinf(claimed) or math.isinf(recomputed):
         match = claimed == recomputed
@@ -254,22 +256,22 @@ def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 
 def _validate(args) -> None:
-    from fedsim.privacy.accounting import check_delta, check_epsilon, check_noise_multiplier, check_sampling_rate, check_steps
+    from fedsim.privacy.accounting import check_delta, check_positive, check_sampling_rate, check_steps
 
     for flag in ("q", "steps", "delta"):
         if getattr(args, flag) is None:
             raise _UsageError(f"--{flag} is required (or give a RUN_DIR)")
-    check_sampling_rate(args.q, "--q")
-    check_steps(args.steps, "--steps")
-    check_delta(args.delta, "--delta")
-    if args.find:
-        if args.epsilon is None:
-            raise _UsageError("--find sigma needs --epsilon")
-        check_epsilon(args.epsilon, "--epsilon")
-    else:
-        if args.sigma is None:
-            raise _UsageError("--sigma is required (or --epsilon E --find sigma)")
-        check_noise_multiplier(args.sigma, "--sigma")
+    if args.find and args.epsilon is None:
+        raise _UsageError("--find sigma needs --epsilon")
+    if not args.find and args.sigma is None:
+        raise _UsageError("--sigma is required (or --epsilon E --find sigma)")
+    try:
+        check_sampling_rate(args.q, "--q")
+        check_steps(args.steps, "--steps")
+        check_delta(args.delta, "--delta")
+        check_positive(args.epsilon if args.find else args.sigma, "--epsilon" if args.find else "--sigma")
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
     if args.k is not None and args.k < 1:
         raise _UsageError(f"--k must be an integer >= 1, got {args.k}")
     if args.vdi is not None and not (0 < args.vdi < 1):

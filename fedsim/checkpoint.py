@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from fedsim.errors import FedsimError
-from fedsim.rundir import atomic_write_text
+from fedsim.rundir import atomic_write_text, save_safetensors
 
 POINTER = "checkpoint.json"
 
@@ -63,19 +62,11 @@ def save_checkpoint(run_dir: Path, *, step: int, weights: torch.Tensor, optimize
                     extra: dict | None = None, rng_states: dict[str, torch.Tensor] | None = None) -> Path:
     """`rng_states`: public generator states to restore (e.g. torch's global RNG, which drives
     dropout), stored as tensors `rng.<name>`."""
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     opt_tensors, opt_meta = _split_optimizer_state(optimizer_state)
-    tensors = {"weights": weights.detach().cpu().contiguous(), **opt_tensors}
-    for key, st in (rng_states or {}).items():
-        tensors[f"rng.{key}"] = st.detach().cpu().contiguous()
+    tensors = {"weights": weights, **opt_tensors, **{f"rng.{key}": st for key, st in (rng_states or {}).items()}}
     name = f"checkpoint-r{step}.safetensors"
-    tmp = run_dir / f".{name}.tmp{os.getpid()}"
-    save_file(tensors, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, run_dir / name)
+    save_safetensors(run_dir / name, tensors)
     pointer = {"step": step, "tensors": name, "sha256": _sha256(run_dir / name), "optimizer": opt_meta,
                **(extra or {})}
     atomic_write_text(run_dir / POINTER, json.dumps(pointer, indent=1))

@@ -21,15 +21,13 @@ def _print_summary_table(summaries: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title="fedsim result")
-    for col in ("method", "epsilon", "delta", "sigma", "rounds/steps", "compute", "eval loss before", "eval loss after",
+    for col in ("method", "epsilon", "delta", "noise", "rounds/steps", "compute", "eval loss before", "eval loss after",
                 "perplexity after", "wall time"):
         t.add_column(col)
     for s in summaries:
-        sigma = s.get("noise_multiplier")
         t.add_row(
             s.get("method", "?"), f"{s['epsilon']:.4g} (target {s.get('target_epsilon')})" if isinstance(s["epsilon"], float) else str(s["epsilon"]),
-            f"{s['delta']:.3g}", f"{sigma:.4g}" if isinstance(sigma, (int, float)) else str(sigma),
-            str(s.get("rounds", s.get("steps"))), f"{s.get('compute_examples', 0):,}",
+            f"{s['delta']:.3g}", s["noise"], str(s["steps"]), f"{s.get('compute_examples', 0):,}",
             f"{s['eval_loss_before']:.4f}", f"{s['eval_loss_after']:.4f}", f"{s['eval_perplexity_after']:.3f}",
             f"{s['wall_time_s']:.1f}s",
         )
@@ -38,26 +36,12 @@ def _print_summary_table(summaries: list[dict]) -> None:
 
 def cmd_run(args) -> int:
     from fedsim.config import load_config
-    from fedsim.simulate import run_uls
+    from fedsim.loop import resume, run
 
     if args.resume:
-        from fedsim.checkpoint import checkpoint_method
-
-        if checkpoint_method(args.resume) == "ELS":
-            from fedsim.els import resume_els
-
-            run_dir, summary = resume_els(args.resume)
-        else:
-            from fedsim.simulate import resume_uls
-
-            run_dir, summary = resume_uls(args.resume)
-    elif args.method == "els":
-        from fedsim.els import run_els
-
-        run_dir, summary = run_els(load_config(args.config, args.overrides))
+        run_dir, summary = resume(args.resume)
     else:
-        cfg = load_config(args.config, args.overrides)
-        run_dir, summary = run_uls(cfg)
+        run_dir, summary = run(load_config(args.config, args.overrides), args.method)
     _print_summary_table([summary])
     print(f"run directory: {run_dir}")
     if not str(summary["stop_reason"]).startswith("completed"):

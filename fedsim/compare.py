@@ -3,7 +3,7 @@
 Compute is counted in per-example gradient evaluations (one forward + backward of one
 example through the model):
   ULS: sum over rounds of (sampled users x examples each uses x local epochs), i.e.
-       expected q_users * sum_u used(u) per round (`uls_user_compute`);
+       expected q_users * sum_u used(u) per round (`fedsim.plan.uls_users_compute`);
   ELS: expected batch q M per step.
 `compare.budget` fixes the total for both methods (None: ULS's planned compute,
 run.rounds rounds); ULS then runs budget / (expected compute per round) rounds and ELS
@@ -19,78 +19,10 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedsim.errors import ConfigError, FedsimError
-
-
-@dataclass(frozen=True)
-class ComputePlan:
-    budget: float  # per-example gradient evaluations each method may spend
-    uls_rounds: int
-    uls_per_round: float  # expected: q_users * sum_u used(u)
-    els_steps: int
-    els_batch: float  # expected examples per ELS step
-
-    @property
-    def uls_expected(self) -> float:
-        return self.uls_rounds * self.uls_per_round
-
-    @property
-    def els_expected(self) -> float:
-        return self.els_steps * self.els_batch
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "uls_expected": self.uls_expected, "els_expected": self.els_expected}
-
-
-def uls_user_compute(num_examples: int, uls) -> int:
-    """Example-gradient evaluations of one ULS user with `num_examples` training examples:
-    what `training.local.train_user` does (cap, then epochs or a fixed number of batches)."""
-    c = num_examples if uls.max_examples_per_user is None else min(num_examples, uls.max_examples_per_user)
-    if c == 0:
-        return 0
-    if uls.local_steps is None:
-        return uls.local_epochs * c
-    per_pass = -(-c // uls.batch_size)  # batches per pass; all but the last are full
-    full, rest = divmod(uls.local_steps, per_pass)
-    return full * c + min(rest * uls.batch_size, c)
-
-
-def matched_compute(budget: float | None, uls_per_round: float, planned_rounds: int, els_batch: float) -> ComputePlan:
-    """The arithmetic of matched compute (separate from any store, for tests)."""
-    if uls_per_round <= 0:
-        raise ConfigError("ULS would compute nothing per round (no training examples)")
-    if els_batch <= 0:
-        raise ConfigError(f"els.expected_batch must be positive, got {els_batch!r}")
-    budget = float(budget) if budget is not None else planned_rounds * uls_per_round
-    rounds = max(1, round(budget / uls_per_round))
-    steps = max(1, round(budget / els_batch))
-    return ComputePlan(budget, rounds, uls_per_round, steps, float(els_batch))
-
-
-def uls_users_compute(num_examples, uls):
-    """`uls_user_compute` over an array of users' training-example counts (vectorised, int64)."""
-    import numpy as np
-
-    n = np.asarray(num_examples, dtype=np.int64)
-    c = n if uls.max_examples_per_user is None else np.minimum(n, uls.max_examples_per_user)
-    if uls.local_steps is None:
-        return uls.local_epochs * c
-    per_pass = np.maximum(-(-c // uls.batch_size), 1)  # batches per pass (c == 0 gives 0 below)
-    full, rest = np.divmod(uls.local_steps, per_pass)
-    return np.where(c == 0, 0, full * c + np.minimum(rest * uls.batch_size, c))
-
-
-def plan_compute(cfg, store) -> ComputePlan:
-    """Expected ULS compute per round, q * sum_u used(u), from the store's vectorised
-    per-user training counts (no example is generated: O(N) numpy, not O(N) Python calls)."""
-    from fedsim.uls import sampling_rate
-
-    q = sampling_rate(cfg, store.num_users)
-    per_round = q * float(uls_users_compute(store.train_example_counts(), cfg.uls).sum())
-    return matched_compute(cfg.compare.budget, per_round, cfg.run.rounds, cfg.els.expected_batch)
+from fedsim.plan import ComputePlan
 
 
 def _curve(run_dir: Path) -> list[tuple[float, float]]:
@@ -126,13 +58,6 @@ def _fmt(x) -> str:
     return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
-def _noise(mech: dict) -> str:
-    """'sigma=0.62' for Gaussian noise, 'LMO std=1.1' (per coordinate, units of C) for LMO."""
-    if mech.get("mechanism") == "lmo":
-        return f"LMO std={mech['noise_std'] / mech['clip_norm']:.4g}"
-    return f"sigma={_fmt(mech.get('noise_multiplier'))}"
-
-
 def print_table(uls: dict, els: dict, cp: ComputePlan) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -141,11 +66,11 @@ def print_table(uls: dict, els: dict, cp: ComputePlan) -> None:
     for col in ("method", "eps (target)", "delta", "noise", "shape", "compute (plan)", "eval loss", "ppl", "time"):
         t.add_column(col)
     for s in (uls, els):
-        shape = (f"{s['rounds']} rounds x {s['expected_cohort']:.0f} users" if s["method"] == "ULS"
+        shape = (f"{s['steps']} rounds x {s['expected_cohort']:.0f} users" if s["method"] == "ULS"
                  else f"{s['steps']} steps x {s['expected_batch']:g} ex, k={s['k']}")
         planned = cp.uls_expected if s["method"] == "ULS" else cp.els_expected
         t.add_row(s["method"], f"{_fmt(s['epsilon'])} ({_fmt(s.get('target_epsilon'))})", f"{s['delta']:.2g}",
-                  _noise(s.get("mechanism") or {"noise_multiplier": s.get("noise_multiplier")}), shape, f"{s['compute_examples']:,} ({planned:,.0f})",
+                  s.get("noise", f"sigma={_fmt(s.get('noise_multiplier'))}"), shape, f"{s['compute_examples']:,} ({planned:,.0f})",
                   f"{s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f}", f"{s['eval_perplexity_after']:.3f}",
                   f"{s['wall_time_s']:.0f}s")
     Console().print(t)
@@ -155,9 +80,11 @@ def print_table(uls: dict, els: dict, cp: ComputePlan) -> None:
               f" (k={els['k']}, same sigma and delta)")
 
 
-def _run_or_resume(run_dir: Path, resuming: bool, start, resume, say) -> tuple[Path, dict]:
+def _run_or_resume(run_dir: Path, resuming: bool, start, say) -> tuple[Path, dict]:
     """One method of a comparison: `start()` it, or, when resuming and its run directory
     exists, keep it if it finished, else continue it from its checkpoint (its ledger is never reset)."""
+    from fedsim.loop import resume
+
     if not (resuming and run_dir.is_dir()):
         return start()
     summary = run_dir / "summary.json"
@@ -168,48 +95,46 @@ def _run_or_resume(run_dir: Path, resuming: bool, start, resume, say) -> tuple[P
     return resume(run_dir, say=say)
 
 
+def _with(cfg, section: str, **values):
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
+
+
 def run_compare(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, dict]:
     """ULS then ELS at matched (epsilon, delta) and compute. `resume_dir`: an interrupted
     comparison directory (its config.yaml is `cfg`); a finished method is kept, an interrupted
     one resumes from its checkpoint, one not yet started runs."""
     from fedsim.data import build_store
-    from fedsim.els import plan_els, resume_els, run_els
+    from fedsim.loop import run
+    from fedsim.models import build_task
+    from fedsim.plan import plan_compute, plan_els, plan_uls
     from fedsim.rundir import RunWriter, create_run_dir
-    from fedsim.simulate import resume_uls, run_uls
-    from fedsim.uls import plan_uls
 
     t0 = time.time()
     if cfg.dp.noise_multiplier is not None:  # each method gets its own sigma for the shared budget
         say(f"note: dp.noise_multiplier={cfg.dp.noise_multiplier:g} is ignored; both methods are calibrated to dp.epsilon")
-        cfg = cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"noise_multiplier": None})})
+        cfg = _with(cfg, "dp", noise_multiplier=None)
     store = build_store(cfg.data)
     cp = plan_compute(cfg, store)
-    uls_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"rounds": cp.uls_rounds, "name": "uls"})})
-    els_cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "els"}),
-                                     "els": cfg.els.model_copy(update={"steps": cp.els_steps})})
+    out = Path(resume_dir) if resume_dir is not None else None
+    uls_cfg = _with(cfg, "run", rounds=cp.uls_rounds, name="uls")
+    els_cfg = _with(_with(cfg, "run", name="els"), "els", steps=cp.els_steps)
     # plan both before anything is written or trained: bad inputs fail here
     say(f"compute budget {cp.budget:,.0f} example gradients: ULS {cp.uls_rounds} rounds x {cp.uls_per_round:.1f}"
         f" expected per round; ELS {cp.els_steps} steps x {cp.els_batch:g} expected per step")
     els_plan = plan_els(els_cfg, store, steps=cp.els_steps)  # first: its input checks are cheap, ULS calibration is not
-    uls_plan = plan_uls(uls_cfg, store.num_users)
-    say(f"ULS {_noise(uls_plan.mechanism.describe())}; ELS {_noise(els_plan.mechanism.describe())}"
+    uls_plan = plan_uls(uls_cfg, store.num_users, build_task(cfg, store, log=say).flat.numel)
+    say(f"ULS {uls_plan.mechanism.noise_label()}; ELS {els_plan.mechanism.noise_label()}"
         f" (user-level epsilon {els_plan.planned_epsilon:.4g}, group-privacy bound {_fmt(els_plan.group_epsilon)})")
-    # the comparison directory; each method gets a run directory inside it (ULS reuses its calibrated sigma)
-    if resume_dir is None:
-        out = create_run_dir(cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": cfg.compare.name})}))
-    else:
-        out = Path(resume_dir)
-    uls_cfg = uls_cfg.model_copy(update={"run": uls_cfg.run.model_copy(update={"output_dir": str(out)})})
-    sigma = getattr(uls_plan.mechanism, "noise_multiplier", None)
-    if cfg.dp.mechanism == "gaussian" and sigma is not None:
-        uls_cfg = uls_cfg.model_copy(update={"dp": uls_cfg.dp.model_copy(update={"noise_multiplier": sigma})})
-    els_cfg = els_cfg.model_copy(update={"run": els_cfg.run.model_copy(update={"output_dir": str(out)})})
+    # the comparison directory; each method gets a run directory inside it
+    if out is None:
+        out = create_run_dir(_with(cfg, "run", name=cfg.compare.name))
+    uls_cfg, els_cfg = _with(uls_cfg, "run", output_dir=str(out)), _with(els_cfg, "run", output_dir=str(out))
     # ULS (Flower), then ELS (centralized); evaluations at the same compute fractions
     resuming = resume_dir is not None
-    uls_dir, uls = _run_or_resume(out / "uls", resuming, lambda: run_uls(uls_cfg, say=say), resume_uls, say)
+    uls_dir, uls = _run_or_resume(out / "uls", resuming, lambda: run(uls_cfg, "ULS", say, plan=uls_plan), say)
     els_every = max(1, round(cp.els_steps * cfg.run.eval_every / cp.uls_rounds))
     els_dir, els = _run_or_resume(out / "els", resuming,
-                                  lambda: run_els(els_cfg, say=say, plan=els_plan, eval_every=els_every), resume_els, say)
+                                  lambda: run(els_cfg, "ELS", say, plan=els_plan, eval_every=els_every), say)
     # results: table, compare.json, plot
     curves = {"ULS": _curve(uls_dir), "ELS": _curve(els_dir)}
     plot_curves(out / "compare.png", curves, f"epsilon={cfg.dp.epsilon}, delta={els['delta']:.3g},"

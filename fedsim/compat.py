@@ -122,33 +122,29 @@ def rdp_poisson_subsampled_gaussian(q: float, noise_multiplier: float, orders):
 _MEMO_PLD_CLASS = None
 
 
-def memoised_pld_accountant(value_discretization_interval: float, subsampled_gaussian_pld):
-    """dp_accounting's PLDAccountant whose Poisson-subsampled Gaussian releases are composed from
-    `subsampled_gaussian_pld(sigma, q, interval, neighboring_relation)` (a PLD the caller
-    memoises); every other event goes through the library unchanged. It overrides the private
-    `_maybe_compose` and reads `_pld` and `_value_discretization_interval`."""
+def memoised_pld_accountant(value_discretization_interval: float, leaf_pld):
+    """dp_accounting's PLDAccountant whose releases are composed from `leaf_pld(event, interval)`
+    (a PLD the caller memoises, built as the library builds it) when that is not None; every
+    other event goes through the library unchanged. It overrides the private `_maybe_compose`
+    and reads `_pld` and `_value_discretization_interval`."""
     global _MEMO_PLD_CLASS
     require_tested("dp-accounting")
     if _MEMO_PLD_CLASS is None:
-        from dp_accounting import dp_event
         from dp_accounting.pld import pld_privacy_accountant
 
         class MemoPLDAccountant(pld_privacy_accountant.PLDAccountant):
-            unit_pld = None  # set per instance below
+            leaf_pld = None  # set per instance below
 
             def _maybe_compose(self, event, count, do_compose):
-                if (do_compose and isinstance(event, dp_event.PoissonSampledDpEvent)
-                        and isinstance(event.event, dp_event.GaussianDpEvent)
-                        and event.sampling_probability != 0 and event.event.noise_multiplier != 0):
-                    unit = self.unit_pld(float(event.event.noise_multiplier), float(event.sampling_probability),
-                                         self._value_discretization_interval, self.neighboring_relation)
-                    self._pld = self._pld.compose(unit.self_compose(count))
-                    return None
-                return super()._maybe_compose(event, count, do_compose)
+                leaf = self.leaf_pld(event, self._value_discretization_interval) if do_compose else None
+                if leaf is None:
+                    return super()._maybe_compose(event, count, do_compose)
+                self._pld = self._pld.compose(leaf.self_compose(count))
+                return None
 
         _MEMO_PLD_CLASS = MemoPLDAccountant
     acc = _MEMO_PLD_CLASS(value_discretization_interval=value_discretization_interval)
-    acc.unit_pld = subsampled_gaussian_pld
+    acc.leaf_pld = leaf_pld
     return acc
 
 

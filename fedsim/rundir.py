@@ -32,14 +32,38 @@ def _jsonable(v):
     return v
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def cache_dir(*parts: str) -> Path:
+    """$FEDSIM_CACHE_DIR (default ~/.cache/fedsim), joined with `parts`: derived data fedsim
+    keeps between runs (pre-trained weights, de-quantised models, file indexes, LMO searches)."""
+    return Path(os.environ.get("FEDSIM_CACHE_DIR") or Path.home() / ".cache" / "fedsim").expanduser().joinpath(*parts)
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(temporary path)`, fsync, then rename over `path`: a reader sees the old file or
+    the whole new one, never a torn one; the temporary file is removed on failure."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """Tensors to a safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                                             metadata=metadata))
 
 
 def create_run_dir(cfg) -> Path:
@@ -103,12 +127,7 @@ class RunWriter:
         atomic_write_text(self.path / name, json.dumps(_jsonable(obj), indent=2) + "\n")
 
     def save_weights(self, tensors: dict, name: str = "final_weights.safetensors", metadata: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
-        target = self.path / name
-        tmp = self.path / f".{name}.tmp{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, target)
+        save_safetensors(self.path / name, tensors, metadata)
 
 
 def _read_rows(p: Path) -> list[dict]:

@@ -92,58 +92,16 @@ def _quiet_logs(verbose: bool) -> None:
         os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
 
 
-def resume_uls(run_dir: str | Path, say=print) -> tuple[Path, dict]:
-    """Continue a ULS run from its last checkpoint, with the config it was started with."""
-    from fedsim.config import load_config
+def run_flower(cfg, plan, task, evalset, run_dir: Path, randomness, say=print, resume: bool = False) -> dict:
+    """Train `plan` with ULS on Flower: in-process, or on the Ray backend (a local Ray, or the
+    cluster at simulation.ray_address); returns the summary."""
+    from server.server_app import run_server
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FedsimError(f"{run_dir} is not a fedsim run directory (no config.yaml)")
-    if (run_dir / "summary.json").is_file():
-        raise FedsimError(f"{run_dir} already finished (summary.json exists); nothing to resume")
-    return run_uls(load_config(run_dir / "config.yaml"), say, resume_dir=run_dir)
-
-
-def run_uls(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, dict]:
-    """Run a ULS experiment (or resume one in `resume_dir`); returns (run directory, summary)."""
-    from fedsim.data import build_store
-    from fedsim.models.causal_lm import check_model_source
-    from fedsim.rundir import create_run_dir
-    from fedsim.uls import plan_uls
-
-    # fail on bad input before any process is started or file written
-    store = build_store(cfg.data)
-    check_model_source(cfg)
-    check_devices(cfg)
-    if cfg.dp.mechanism == "gaussian":
-        plan = plan_uls(cfg, store.num_users)
-    else:  # LMO parameters are searched/checked by the server with the model's dimension
-        from fedsim.uls import resolve_delta, sampling_rate
-
-        sampling_rate(cfg, store.num_users)
-        resolve_delta(cfg, store.num_users)
-    if cfg.dp.mechanism == "gaussian" and cfg.dp.noise_multiplier is None:
-        # record the calibrated sigma in the resolved config; the target epsilon stays the budget
-        cfg = cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"noise_multiplier": plan.mechanism.noise_multiplier})})
-    if resume_dir is not None:
-        from fedsim.checkpoint import load_checkpoint
-
-        load_checkpoint(resume_dir)  # a missing or corrupt checkpoint fails here, before Ray starts
-        run_dir = Path(resume_dir)
-    else:
-        run_dir = create_run_dir(cfg)
     _quiet_logs(cfg.simulation.verbose)
-    say(f"run directory: {run_dir}")
-    # One intra-op thread unless asked: the tiny per-user batches gain nothing from more, and
-    # OpenMP threads spinning beside Ray actors (which Ray pins to 1 thread) slowed rounds ~50x.
-    import torch
-
-    torch.set_num_threads(cfg.run.threads or 1)
-    nodes = num_nodes_for(cfg, store.num_users)
+    args = (cfg, plan, task, evalset, run_dir, randomness)
+    nodes = num_nodes_for(cfg, plan.num_users)
     if cfg.simulation.backend == "inprocess":
-        from server.server_app import run_server
-
-        return run_dir, run_server(InProcessGrid(cfg, nodes), cfg, run_dir, say, resume=resume_dir is not None)
+        return run_server(InProcessGrid(cfg, nodes), *args, say, resume)
 
     from flwr.simulation import run_simulation
 
@@ -161,13 +119,9 @@ def run_uls(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, dict]
             say(f"Ray cluster {cluster['address']}: {cluster['nodes']} node(s), {cluster['cpus']:g} CPUs,"
                 f" {cluster['gpus']:g} GPUs, {cluster['actors']} actor slot(s) of {backend_config['client_resources']}")
         with replacing_dead_ray_actors():
-            run_simulation(
-                server_app=make_server_app(cfg, run_dir, outcome, resume=resume_dir is not None),
-                client_app=make_client_app(cfg),
-                num_supernodes=nodes,
-                backend_config=backend_config,
-                verbose_logging=cfg.simulation.verbose,
-            )
+            run_simulation(server_app=make_server_app(outcome, *args, say=print, resume=resume),
+                           client_app=make_client_app(cfg), num_supernodes=nodes, backend_config=backend_config,
+                           verbose_logging=cfg.simulation.verbose)
     finally:
         _shutdown_ray()  # with a cluster address this only disconnects: the cluster keeps running
     if "error" in outcome:
@@ -180,7 +134,7 @@ def run_uls(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, dict]
 
         summary["ray_cluster"] = cluster
         RunWriter(run_dir).write_json("summary.json", summary)
-    return run_dir, summary
+    return summary
 
 
 def check_devices(cfg) -> None:

@@ -1,3 +1,3 @@
 """Flower server strategies of fedsim."""
 
-from strategies.dp_fedavg import DPFedAvg  # noqa: F401
+from strategies.uls_strategy import UlsStrategy  # noqa: F401

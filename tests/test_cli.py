@@ -112,7 +112,7 @@ def test_bad_data_files_through_the_cli(tmp_path, capsys, content, extra, needle
 
 def test_delta_at_least_one_over_users_warns():
     from fedsim.config import load_config
-    from fedsim.uls import plan_uls
+    from fedsim.plan import plan_uls
 
     cfg = load_config("configs/smoke.yaml", ["dp.delta=0.06"])  # 20 users: 1/N = 0.05
     plan = plan_uls(cfg, 20)
@@ -161,8 +161,8 @@ def test_delta_at_least_one_over_users_warns_through_the_cli(tmp_path, capsys):
 def finished_runs(tmp_path_factory):
     """One small ULS and one small ELS run directory with checkpoints (copied per test)."""
     from fedsim.config import load_config
-    from fedsim.els import run_els
-    from fedsim.simulate import run_uls
+    from fedsim.loop import run_els
+    from fedsim.loop import run_uls
 
     base = tmp_path_factory.mktemp("ckpt-runs")
     quiet = lambda *_: None  # noqa: E731
@@ -227,17 +227,28 @@ def test_corrupt_checkpoint_through_the_cli(finished_runs, tmp_path, capsys, met
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing written, moved or removed
 
 
-def test_fedsim_account_rechecks_uls_els_and_compare_directories_in_a_fresh_process(finished_runs, tmp_path):
-    # one fresh interpreter: an accountant that only registers itself on import (els_pld) must be
-    # found from the name an ELS summary.json gives; a `fedsim compare` directory (uls/ and els/
-    # runs side by side) is rechecked method by method
+def test_fedsim_account_rechecks_uls_els_lmo_and_compare_directories_in_a_fresh_process(finished_runs, tmp_path):
+    # the installed `fedsim` command in a fresh interpreter: every accountant is found from the
+    # name a summary.json gives (none registers itself on import); a `fedsim compare` directory
+    # (uls/ and els/ runs side by side) is rechecked method by method; an LMO run by lmo_faithful
+    import json
     import shutil
+    from pathlib import Path
+
+    from fedsim.config import load_config
+    from fedsim.loop import run_uls
 
     compare_dir = tmp_path / "compare"
     for method, sub in (("ULS", "uls"), ("ELS", "els")):
         shutil.copytree(finished_runs[method], compare_dir / sub)
-    p = subprocess.run([sys.executable, "-m", "fedsim.cli", "account", str(compare_dir)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-1500:]
-    assert "Traceback" not in p.stderr
-    assert p.stdout.count("-> matches") == 2 and "accountant els_pld" in p.stdout and "accountant pld" in p.stdout
+    lmo = {"a1": 0.0, "a3": 0.0, "a4": 1.0, "G_k": 1.0, "G_theta": 1.0, "E_lambda": 1.0, "U_a": 0.9, "U_b": 1.0}
+    lmo_dir, _ = run_uls(load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path / 'lmo'}", "run.rounds=2",
+                                                            "dp.mechanism=lmo", "dp.epsilon=null",
+                                                            f"dp.lmo={json.dumps(lmo)}"]), say=lambda *_: None)
+    fedsim = shutil.which("fedsim") or str(Path(sys.executable).parent / "fedsim")
+    for target, accountants in ((compare_dir, ["pld", "pld"]), (lmo_dir, ["lmo_faithful"])):
+        p = subprocess.run([fedsim, "account", str(target)], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-1500:]
+        assert "Traceback" not in p.stderr and p.stdout.count("-> matches") == len(accountants)
+        assert [line.split("accountant ")[1].split(",")[0] for line in p.stdout.splitlines()
+                if "accountant " in line] == accountants

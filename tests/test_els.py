@@ -4,6 +4,7 @@ Fast by default (about a minute): PLDs at a coarse discretisation (1e-2, still a
 bound), the tiny smoke model, in-process ULS. The 1e-3 reference pin is the slow part.
 """
 
+import dataclasses
 import json
 import math
 
@@ -13,15 +14,9 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 
 from fedsim.errors import ConfigError
-from fedsim.privacy.accounting import compute_epsilon, poisson_gaussian_event
-from fedsim.privacy.els_accounting import (
-    ElsPldAccountant,
-    binomial_pmf,
-    els_epsilon,
-    els_event,
-    els_step_event,
-    group_privacy_epsilon,
-)
+from fedsim.privacy.accounting import compute_epsilon, make_accountant, poisson_gaussian_event
+from fedsim.privacy.els_accounting import els_epsilon, els_event, group_privacy_epsilon
+from fedsim.privacy.mechanisms import GaussianMechanism, binomial_pmf
 from fedsim.rundir import read_diagnostics
 
 COARSE = 1e-2
@@ -42,19 +37,19 @@ def test_k1_is_the_poisson_subsampled_gaussian():
     assert compute_epsilon(poisson_gaussian_event(0.01, 1.0, 1000), 1e-6, "pld") == pytest.approx(2.1245, abs=2e-3)
 
 
-def test_cached_accountant_matches_dp_accounting_pld():
+def test_memoised_pld_matches_dp_accounting_pld_bit_for_bit():
     # independent check: dp_accounting's own PLDAccountant on the same composed event
     ev = dp_event.ComposedDpEvent([els_event(1.5, 3, 0.05, 40), poisson_gaussian_event(0.05, 1.0, 10)])
-    ref = pld_privacy_accountant.PLDAccountant(value_discretization_interval=COARSE)
-    ref.compose(ev)
-    acc = ElsPldAccountant(COARSE)
-    assert acc.epsilon(ev, 1e-5) == pytest.approx(ref.get_epsilon(1e-5), rel=1e-9)
-    assert acc.delta(ev, 2.0) == pytest.approx(ref.get_delta(2.0), rel=1e-9)
-    # a second query (the budget guard's pattern) reuses the cached PLDs and agrees
-    longer = dp_event.SelfComposedDpEvent(els_step_event(dp_event.GaussianDpEvent(1.5), 3, 0.05), 41)
-    ref2 = pld_privacy_accountant.PLDAccountant(value_discretization_interval=COARSE)
-    ref2.compose(longer)
-    assert acc.epsilon(longer, 1e-5) == pytest.approx(ref2.get_epsilon(1e-5), rel=1e-9)
+    ref = pld_privacy_accountant.PLDAccountant(value_discretization_interval=COARSE).compose(ev)
+    acc = make_accountant("pld", value_discretization_interval=COARSE).compose(ev)
+    assert acc.get_epsilon(1e-5) == ref.get_epsilon(1e-5) and acc.get_delta(2.0) == ref.get_delta(2.0)
+    # a second query (the budget guard's pattern) reuses the memoised PLDs and agrees
+    longer = GaussianMechanism(1.0, 1.5).run_event(0.05, 41, k=3)
+    ref2 = pld_privacy_accountant.PLDAccountant(value_discretization_interval=COARSE).compose(longer)
+    acc2 = make_accountant("pld", value_discretization_interval=COARSE).compose(longer)
+    assert acc2.get_epsilon(1e-5) == ref2.get_epsilon(1e-5)
+    # the old run directories' name for it
+    assert make_accountant("els_pld").compose(longer).get_epsilon(1e-5) == ref2.get_epsilon(1e-5)
 
 
 def test_epsilon_grows_with_k_and_q():
@@ -75,19 +70,32 @@ def test_group_privacy_bound_is_never_below_the_tight_one(sigma, k, q, steps):
 
 
 def test_step_event_and_inputs():
-    ev = els_step_event(dp_event.GaussianDpEvent(2.0), 3, 0.1)
+    ev = GaussianMechanism(1.0, 2.0).mixture_event(3, 0.1)
     assert isinstance(ev, dp_event.MixtureOfGaussiansDpEvent)
     assert list(ev.sensitivities) == [0.0, 1.0, 2.0, 3.0] and sum(ev.sampling_probs) == pytest.approx(1.0)
     assert binomial_pmf(2, 0.5) == pytest.approx([0.25, 0.5, 0.25])
-    assert isinstance(els_step_event(dp_event.GaussianDpEvent(0.0), 3, 0.1), dp_event.NonPrivateDpEvent)
-    assert math.isinf(ElsPldAccountant().epsilon(dp_event.NonPrivateDpEvent(), 1e-5))
-    assert ElsPldAccountant().epsilon(dp_event.NoOpDpEvent(), 1e-5) == 0.0
-    with pytest.raises(ConfigError, match="k"):
-        els_step_event(dp_event.GaussianDpEvent(1.0), 0, 0.1)
-    with pytest.raises(ConfigError):
-        els_step_event(dp_event.GaussianDpEvent(1.0), 2, 1.5)
-    with pytest.raises(Exception, match="only Gaussian and LMO"):
-        els_step_event(dp_event.LaplaceDpEvent(1.0), 2, 0.1)
+    assert isinstance(GaussianMechanism(1.0, 0.0).mixture_event(3, 0.1), dp_event.NonPrivateDpEvent)
+    assert math.isinf(compute_epsilon(dp_event.NonPrivateDpEvent(), 1e-5, "pld"))
+    assert compute_epsilon(dp_event.NoOpDpEvent(), 1e-5, "pld") == 0.0
+    with pytest.raises(ValueError, match="k"):
+        GaussianMechanism(1.0, 1.0).mixture_event(0, 0.1)
+    with pytest.raises(ValueError):  # not a probability: dp_accounting refuses the mixture
+        compute_epsilon(GaussianMechanism(1.0, 1.0).mixture_event(2, 1.5), 1e-5, "pld")
+
+
+def test_els_honours_or_refuses_dp_accountant(tmp_path):
+    from fedsim.config import load_config
+    from fedsim.data import build_store
+    from fedsim.plan import plan_els
+
+    base = [f"run.output_dir={tmp_path}", *FAST, "els.steps=4", "dp.noise_multiplier=2", "dp.epsilon=null"]
+    store = build_store(load_config("configs/smoke.yaml", base).data)
+    edgeworth = plan_els(load_config("configs/smoke.yaml", base + ["dp.accountant=edgeworth"]), store, group_bound=False)
+    assert edgeworth.accountant == "edgeworth" and edgeworth.accountant_options == {"value_discretization_interval": 0.1}
+    pld = plan_els(load_config("configs/smoke.yaml", base), store, group_bound=False)
+    assert pld.accountant == "pld" and edgeworth.planned_epsilon == pld.planned_epsilon  # its bound is vacuous: PLD
+    with pytest.raises(ConfigError, match="dp.accountant=rdp cannot account for the ELS mixture"):
+        plan_els(load_config("configs/smoke.yaml", base + ["dp.accountant=rdp"]), store)
 
 
 # -- per-example clipping ------------------------------------------------------------------
@@ -131,7 +139,7 @@ def test_clipped_sum_equals_a_naive_per_example_loop(tiny_task, method):
 
 # -- matched compute -----------------------------------------------------------------------
 def test_uls_user_compute_matches_the_local_batches():
-    from fedsim.compare import uls_user_compute
+    from fedsim.plan import uls_user_compute
     from fedsim.config import UlsConfig
     from fedsim.training.local import local_batches
 
@@ -144,7 +152,7 @@ def test_uls_user_compute_matches_the_local_batches():
 
 
 def test_matched_compute_arithmetic():
-    from fedsim.compare import matched_compute
+    from fedsim.plan import matched_compute
 
     cp = matched_compute(8000, 557.68, 30, 64)
     assert (cp.uls_rounds, cp.els_steps) == (14, 125)
@@ -164,14 +172,14 @@ FAST = ["els.k=4", "els.accounting_interval=0.1", "els.expected_batch=8"]  # coa
 def test_els_run_handles_empty_batches_and_stops_at_the_budget(tmp_path):
     from fedsim.config import load_config
     from fedsim.data import build_store
-    from fedsim.els import plan_els, run_els
+    from fedsim.loop import run_els
+    from fedsim.plan import plan_els
     from fedsim.privacy.ledger import PrivacyLedger
 
     cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", *FAST, "els.expected_batch=0.7", "els.steps=4",
                                               "dp.epsilon=2"])
     store = build_store(cfg.data)
-    plan = plan_els(cfg, store)
-    plan.steps = 8  # calibrated for 4 steps: the guard must stop the run before it overspends
+    plan = dataclasses.replace(plan_els(cfg, store), steps=8)  # calibrated for 4: the guard must stop the run
     run_dir, s = run_els(cfg, say=lambda *_: None, plan=plan)
     rows = read_diagnostics(run_dir)
     batches = [r["batch"] for r in rows if r["step"] > 0]
@@ -210,10 +218,31 @@ def test_bad_inputs_are_clear_errors(override, needle, tmp_path, capsys):
 
 
 def test_plan_rejects_a_batch_larger_than_the_data():
-    from fedsim.els import sampling_rate
-    from fedsim.privacy.els_accounting import check_group_size
+    from fedsim.plan import example_sampling_rate
 
     with pytest.raises(ConfigError, match="larger than the data"):
-        sampling_rate(500, 100, 4)
-    with pytest.raises(ConfigError, match="integer >= 1"):
-        check_group_size(0)
+        example_sampling_rate(500, 100, 4)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        binomial_pmf(0, 0.1)
+
+
+def test_kept_examples_are_a_seeded_uniform_cap_without_a_loop_over_users():
+    import numpy as np
+
+    from fedsim.plan import kept_examples
+
+    counts = np.array([0, 3, 10, 1, 7])
+    users, index = kept_examples(counts, 4, seed=5)
+    assert np.bincount(users, minlength=5).tolist() == [0, 3, 4, 1, 4]
+    assert all(0 <= i < counts[u] for u, i in zip(users, index))
+    assert len(set(zip(users.tolist(), index.tolist()))) == users.size  # no example twice
+    again = kept_examples(counts, 4, seed=5)
+    assert np.array_equal(again[0], users) and np.array_equal(again[1], index)
+    other = kept_examples(counts, 4, seed=6)
+    assert not np.array_equal(other[1], index)
+    # every example of a large user is kept with probability k / n
+    hits = np.zeros(10)
+    for seed in range(400):
+        u, i = kept_examples(np.array([10]), 4, seed)
+        hits[i] += 1
+    assert np.allclose(hits / 400, 0.4, atol=0.08)

@@ -26,7 +26,7 @@ import pytest
 
 from fedsim.config import load_config
 from fedsim.rundir import read_diagnostics
-from fedsim.simulate import run_uls
+from fedsim.loop import run_uls
 
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
 
@@ -100,7 +100,7 @@ def test_tiny_uls_job_runs_on_a_cluster_started_with_the_ray_cli(ray_head, tmp_p
     said: list[str] = []
     run_dir, summary = run_uls(cfg, say=said.append)
     # the run completed
-    assert summary["rounds"] == 2 and summary["stop_reason"] == "completed planned rounds"
+    assert summary["steps"] == 2 and summary["stop_reason"] == "completed planned rounds"
     assert 0 < summary["epsilon"] <= 8.0 and math.isfinite(summary["eval_loss_after"])
     rows = read_diagnostics(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["dropped_replies"] == 0 for r in rows[1:])

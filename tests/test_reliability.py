@@ -12,8 +12,8 @@ from fedsim.config import load_config
 from fedsim.rundir import read_diagnostics, read_metrics
 from fedsim.errors import FedsimError
 from fedsim.privacy import PrivacyLedger
-from fedsim.privacy.accounting import make_accountant
-from fedsim.simulate import resume_uls, run_uls
+from fedsim.privacy.accounting import epsilon, make_accountant
+from fedsim.loop import resume, run_uls
 
 ROUNDS = 6
 
@@ -36,7 +36,7 @@ def test_sigkill_after_noise_then_resume_is_bit_identical(tmp_path, extra):
     overrides = [f"run.output_dir={crash_out}", f"run.rounds={ROUNDS}", "run.checkpoint_every=1", "run.eval_every=3",
                  "simulation.faults.server_crash_round=4", *extra]
     code = ("import sys; sys.path.insert(0, '.');"
-            "from fedsim.config import load_config; from fedsim.simulate import run_uls;"
+            "from fedsim.config import load_config; from fedsim.loop import run_uls;"
             f"run_uls(load_config('configs/smoke.yaml', {overrides!r}), say=lambda *_: None)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == -9, p.stderr[-2000:]
@@ -44,14 +44,14 @@ def test_sigkill_after_noise_then_resume_is_bit_identical(tmp_path, extra):
     assert json.loads((run_dir / "checkpoint.json").read_text())["step"] == 3
     assert len(PrivacyLedger(run_dir / "privacy_ledger.jsonl")) == 4  # round 4's release was counted
     # resume: same weights bit for bit, same epsilon (the replayed round 4 is the identical release)
-    _, res = resume_uls(run_dir, say=lambda *_: None)
+    _, res = resume(run_dir, say=lambda *_: None)
     a = load_file(str(ref_dir / "final_weights.safetensors"))
     b = load_file(str(run_dir / "final_weights.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert res["epsilon"] == ref["epsilon"] and res["rounds"] == ROUNDS
+    assert res["epsilon"] == ref["epsilon"] and res["steps"] == ROUNDS
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
     assert len(ledger) == ROUNDS
-    assert make_accountant("pld").epsilon(ledger.total_event(), res["delta"]) == pytest.approx(res["epsilon"])
+    assert epsilon(make_accountant("pld"), ledger.total_event(), res["delta"]) == pytest.approx(res["epsilon"])
     rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rounds == list(range(ROUNDS + 1))  # the crashed timeline's rows were moved aside, not duplicated
 
@@ -80,10 +80,10 @@ def test_secure_mode_resume_counts_a_redone_round_twice_or_stops(tmp_path, budge
     run_dir, _ = run_uls(_cfg(tmp_path, *extra), say=lambda *_: None)
     _assert_no_secret_state(run_dir)  # the secret never hits disk
     _crash_after_release_of_last_round(run_dir)
-    _, res = resume_uls(run_dir, say=lambda *_: None)
+    _, res = resume(run_dir, say=lambda *_: None)
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
     # fresh noise for the re-done round: a new release, counted again -- or refused if it does not fit
-    assert len(ledger) == expect_releases and res["rounds"] == expect_rounds
+    assert len(ledger) == expect_releases and res["steps"] == expect_rounds
     assert res["epsilon"] <= res["target_epsilon"]
     if budget is None:
         assert "budget" in res["stop_reason"]
@@ -95,12 +95,12 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
     tensors = next(run_dir.glob("checkpoint-r*.safetensors"))
     tensors.write_bytes(tensors.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(FedsimError, match="corrupt checkpoint"):
-        resume_uls(run_dir, say=lambda *_: None)
+        resume(run_dir, say=lambda *_: None)
     (run_dir / "checkpoint.json").unlink()
     with pytest.raises(FedsimError, match="no checkpoint"):
-        resume_uls(run_dir, say=lambda *_: None)
+        resume(run_dir, say=lambda *_: None)
     with pytest.raises(FedsimError, match="not a fedsim run directory"):
-        resume_uls(tmp_path / "nothing-here", say=lambda *_: None)
+        resume(tmp_path / "nothing-here", say=lambda *_: None)
 
 
 def test_injected_client_faults_are_dropped_counted_and_still_noised(tmp_path):
@@ -141,7 +141,7 @@ def test_a_client_slower_than_the_timeout_is_dropped_counted_and_still_noised(tm
     assert all(r["users"] + r["dropped_replies"] == r["cohort"] for r in rows)
     assert all(m["update_norm"] > 0 and m["noise_std"] > 0 for m in read_metrics(run_dir)[1:])
     assert len(PrivacyLedger(run_dir / "privacy_ledger.jsonl")) == rounds
-    assert make_accountant("pld").epsilon(PrivacyLedger(run_dir / "privacy_ledger.jsonl").total_event(),
+    assert epsilon(make_accountant("pld"), PrivacyLedger(run_dir / "privacy_ledger.jsonl").total_event(),
                                           s["delta"]) == pytest.approx(s["epsilon"])
 
 
@@ -162,14 +162,14 @@ def test_soak_200_rounds_with_dropped_and_nan_clients(tmp_path):
                                               "run.checkpoint_every=25", "simulation.faults.raise_rate=0.1",
                                               "simulation.faults.nan_rate=0.05"])
     run_dir, s = run_uls(cfg, say=lambda *_: None)
-    assert s["rounds"] == 200
+    assert s["steps"] == 200
     w = load_file(str(run_dir / "final_weights.safetensors"))
     assert all(torch.isfinite(t).all() for t in w.values())
     rows = read_diagnostics(run_dir)[1:]
     assert sum(r["dropped_replies"] for r in rows) > 0.1 * sum(r["cohort"] for r in rows)
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
     assert len(ledger) == 200
-    assert make_accountant("pld").epsilon(ledger.total_event(), s["delta"]) == pytest.approx(s["epsilon"])
+    assert epsilon(make_accountant("pld"), ledger.total_event(), s["delta"]) == pytest.approx(s["epsilon"])
     assert s["epsilon"] <= 8.0 and math.isfinite(s["eval_loss_after"])
 
 
@@ -186,7 +186,7 @@ def _crash_els(out, step, *extra):
     """Run ELS in a subprocess that SIGKILLs itself right after step `step`'s release is recorded."""
     overrides = _els_overrides(out, f"simulation.faults.server_crash_round={step}", *extra)
     code = ("import sys; sys.path.insert(0, '.');"
-            "from fedsim.config import load_config; from fedsim.els import run_els;"
+            "from fedsim.config import load_config; from fedsim.loop import run_els;"
             f"run_els(load_config('configs/smoke.yaml', {overrides!r}), say=lambda *_: None)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == -9, p.stderr[-2000:]
@@ -201,7 +201,7 @@ def _crash_els(out, step, *extra):
 def test_els_sigkill_after_noise_then_resume_is_bit_identical(tmp_path, capsys, extra):
     from fedsim.account import check_run_dir
     from fedsim.cli import main
-    from fedsim.els import run_els
+    from fedsim.loop import run_els
 
     ref_dir, ref = run_els(load_config("configs/smoke.yaml", _els_overrides(tmp_path / "ref", *extra)), say=lambda *_: None)
     run_dir = _crash_els(tmp_path / "crash", 4, *extra)
@@ -225,17 +225,16 @@ def test_els_sigkill_after_noise_then_resume_is_bit_identical(tmp_path, capsys, 
 
 
 def test_els_secure_mode_resume_counts_the_redone_step_again(tmp_path):
-    from fedsim.els import resume_els
+    from fedsim.loop import resume
 
     run_dir = _crash_els(tmp_path, 4, "dp.reproducible=false", "dp.epsilon=30")
     _assert_no_secret_state(run_dir)
-    _, res = resume_els(run_dir, say=lambda *_: None)
+    _, res = resume(run_dir, say=lambda *_: None)
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
     # step 4 gets fresh noise: a second release, counted again (or refused by the budget guard)
     assert len(ledger) == res["steps"] + 1 and [e["step"] for e in ledger.entries].count(4) == 2
     assert res["epsilon"] <= 30 and res["epsilon"] == pytest.approx(
-        make_accountant("els_pld", value_discretization_interval=res["accountant_options"]["value_discretization_interval"])
-        .epsilon(ledger.total_event(), res["delta"]))
+        epsilon(make_accountant(res["accountant"], **res["accountant_options"]), ledger.total_event(), res["delta"]))
 
 
 # -- security: a config cannot make fedsim import code; nothing is ever unpickled ------------------
@@ -308,7 +307,7 @@ def test_compare_killed_in_uls_then_in_els_resumes_to_the_uninterrupted_result(t
     from fedsim.cli import main
 
     overrides = ["els.k=2", "els.expected_batch=8", "run.checkpoint_every=1",
-                 "els.accounting_interval=0.1", "dp.accountant=rdp"]  # quick calibrations
+                 "els.accounting_interval=0.1"]  # quick calibrations
     ref_out, ref = __import__("fedsim.compare", fromlist=["run_compare"]).run_compare(
         load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path / 'ref'}", *overrides]), say=lambda *_: None)
     crash = [f"run.output_dir={tmp_path / 'crash'}", *overrides, "simulation.faults.server_crash_round=2"]
@@ -329,6 +328,6 @@ def test_compare_killed_in_uls_then_in_els_resumes_to_the_uninterrupted_result(t
         b = load_file(str(out / m / "final_weights.safetensors"))
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), m
         assert (res[m]["epsilon"], res[m]["eval_loss_after"]) == (ref[m]["epsilon"], ref[m]["eval_loss_after"])
-    assert len(PrivacyLedger(out / "uls" / "privacy_ledger.jsonl")) == res["uls"]["rounds"]
+    assert len(PrivacyLedger(out / "uls" / "privacy_ledger.jsonl")) == res["uls"]["steps"]
     assert len(PrivacyLedger(out / "els" / "privacy_ledger.jsonl")) == res["els"]["steps"]
     assert main(["compare", "--resume", str(out)]) == 2  # finished: nothing to resume, a clear error

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from fedsim.errors import ConfigError
 from fedsim.privacy.randomness import SecretRandomness
 from fedsim.sampling import PoissonSampler
 
@@ -60,7 +59,7 @@ def test_secure_samplers_draw_different_cohorts():
 
 @pytest.mark.parametrize("q", [0.0, 1.01, -0.1])
 def test_invalid_rate_is_refused(q):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError):
         sampler(10, q)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsim.compare import plan_compute, uls_user_compute, uls_users_compute
+from fedsim.plan import plan_compute, uls_user_compute, uls_users_compute
 from fedsim.config import load_config
 from fedsim.data.base import UserStore
 from fedsim.data.synthetic import SyntheticTokenStore
@@ -94,7 +94,7 @@ def test_plan_compute_at_1e6_users_generates_no_example(monkeypatch):
 
 
 def _tiny_run(tmp_path, users: int, name: str):
-    from fedsim.simulate import run_uls
+    from fedsim.loop import run_uls
 
     cfg = load_config(ROOT / "configs" / "scale_1e5.yaml", [
         f"run.output_dir={tmp_path}", f"run.name={name}", f"data.num_users={users}", "run.rounds=2",
@@ -104,9 +104,9 @@ def _tiny_run(tmp_path, users: int, name: str):
         # (20/10^3 vs 20/10^5), which would blur the population effect this test looks for
         "dp.accountant=rdp",
     ])
-    from fedsim.privacy.accounting import _subsampled_gaussian_pld
+    from fedsim.privacy.accounting import _cached_pld
 
-    _subsampled_gaussian_pld.cache_clear()  # every run builds its own PLDs (the summary's PLD epsilon), as a fresh process would
+    _cached_pld.cache_clear()  # every run builds its own PLDs (the summary's PLD epsilon), as a fresh process would
     tracemalloc.start()
     try:
         _, summary = run_uls(cfg, say=lambda *_: None)
@@ -121,7 +121,7 @@ def test_a_1e5_user_uls_run_completes_and_python_memory_does_not_grow_with_the_p
     _tiny_run(tmp_path, 1000, "warm-up")  # one-time costs (imports, caches) are traced by whichever run is first
     small, peak_small = _tiny_run(tmp_path, 1000, "n1e3")
     big, peak_big = _tiny_run(tmp_path, 100_000, "n1e5")
-    assert big["num_users"] == 100_000 and big["rounds"] == 2 and big["stop_reason"] == "completed planned rounds"
+    assert big["num_users"] == 100_000 and big["steps"] == 2 and big["stop_reason"] == "completed planned rounds"
     assert 0 < big["epsilon"] <= 8.0 and math.isfinite(big["eval_loss_after"])
     # traced Python + numpy allocations: a per-user structure at 10^5 users would cost >= 0.8 MB
     assert peak_big < peak_small + 2 * 2**20, (peak_small, peak_big)
@@ -130,7 +130,7 @@ def test_a_1e5_user_uls_run_completes_and_python_memory_does_not_grow_with_the_p
 def _peak_rss_of_run(tmp_path, users: int, rounds: int) -> tuple[float, dict]:
     code = (
         "import json, resource, sys; sys.path.insert(0, %r)\n"
-        "from fedsim.config import load_config\nfrom fedsim.simulate import run_uls\n"
+        "from fedsim.config import load_config\nfrom fedsim.loop import run_uls\n"
         "cfg = load_config(%r, sys.argv[1:])\n"
         "_, s = run_uls(cfg, say=lambda *_: None)\n"
         "print(json.dumps({'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'summary': s}))\n"
@@ -149,5 +149,5 @@ def test_scale_1e5_config_completes_with_flat_peak_rss(tmp_path):
     at 10^5 users within 64 MB of the same run at 10^3 users."""
     rss_small, _ = _peak_rss_of_run(tmp_path, 1000, 3)
     rss_big, s = _peak_rss_of_run(tmp_path, 100_000, 3)
-    assert s["rounds"] == 3 and s["num_users"] == 100_000 and 0 < s["epsilon"] <= 8.0
+    assert s["steps"] == 3 and s["num_users"] == 100_000 and 0 < s["epsilon"] <= 8.0
     assert rss_big < rss_small + 64, (rss_small, rss_big)

@@ -10,21 +10,26 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from fedsim.config import load_config
 from fedsim.privacy import GaussianMechanism, PrivacyLedger
-from fedsim.privacy.accounting import make_accountant
+from fedsim.privacy.accounting import compute_epsilon, make_accountant
 from fedsim.privacy.budget import PrivacyBudget
 from fedsim.privacy.randomness import SecretRandomness
-from fedsim.simulate import InProcessGrid, run_uls
-from fedsim.training.server_opt import ServerOptimizer
-from strategies.dp_fedavg import DPFedAvg, assign_users_to_nodes
+from fedsim.loop import run_uls
+from fedsim.simulate import InProcessGrid
+from fedsim.privacy.release import Release
+from strategies.uls_strategy import UlsStrategy, assign_users_to_nodes
 
 
-def make_strategy(d=1000, n=200, q=0.1, sigma=1.0, clip=1.0, seed=0):
-    w = torch.zeros(d)
-    return DPFedAvg(
-        num_users=n, sampling_rate=q, mechanism=GaussianMechanism(clip, sigma),
-        server_optimizer=ServerOptimizer(w, "sgd", 1.0), budget=PrivacyBudget(PrivacyLedger(), make_accountant("rdp"), 1e-5, None),
-        randomness=SecretRandomness.from_seed(seed),
-    )
+def make_strategy(d=1000, n=200, q=0.1, clip=1.0, seed=0):
+    return UlsStrategy(num_users=n, dimension=d, sampling_rate=q, clip_norm=clip,
+                       randomness=SecretRandomness.from_seed(seed))
+
+
+def make_release(q=0.1, n=200, sigma=1.0, clip=1.0, seed=0):
+    mech = GaussianMechanism(clip, sigma)
+    ledger = PrivacyLedger()
+    budget = PrivacyBudget(lambda: make_accountant("rdp"), 1e-5, None)
+    return Release(mechanism=mech, event=mech.sampled_event(q), ledger=ledger, budget=budget,
+                   randomness=SecretRandomness.from_seed(seed), purpose="uls", denominator=q * n)
 
 
 def reply(vec, users=1, to=None):
@@ -40,34 +45,35 @@ def request_msg():
     return Message(content=RecordDict({"config": ConfigRecord({"a": 1})}), message_type="train", dst_node_id=1)
 
 
-def test_noise_std_of_aggregate_is_sigma_c_over_qn(request_msg):
-    # no replies: the update is pure noise / (qN), so its per-coordinate std is sigma*C/(qN)
-    s = make_strategy(d=50_000, n=400, q=0.05, sigma=1.2, clip=0.5)
-    arrays, metrics = s.aggregate_train(1, [])
-    w = arrays["w"].numpy()
-    assert np.std(w) == pytest.approx(1.2 * 0.5 / (0.05 * 400), rel=0.02)
-    assert len(s.budget.ledger) == 1  # the release is recorded
+def test_noise_std_of_release_is_sigma_c_over_qn():
+    # an empty sum: the update is pure noise / (qN), so its per-coordinate std is sigma*C/(qN)
+    release = make_release(n=400, q=0.05, sigma=1.2, clip=0.5)
+    update, metrics = release.release(1, torch.zeros(50_000))
+    assert np.std(update.numpy()) == pytest.approx(1.2 * 0.5 / (0.05 * 400), rel=0.02)
+    assert len(release.ledger) == 1 and release.budget.releases == 1  # recorded and counted
 
 
-def test_aggregate_is_sum_over_expected_cohort(request_msg):
-    s = make_strategy(d=4, n=10, q=0.5, sigma=0.0)  # expected cohort 5
+def test_aggregate_is_the_sum_of_valid_replies(request_msg):
+    s = make_strategy(d=4, n=10, q=0.5)
     vecs = [np.array([0.5, 0, 0, 0]), np.array([0, 0.5, 0, 0]), np.array([0.1, 0.1, 0.1, 0.1])]
     arrays, metrics = s.aggregate_train(1, [reply(v, to=request_msg) for v in vecs])
-    np.testing.assert_allclose(arrays["w"].numpy(), np.sum(vecs, axis=0) / 5.0, rtol=1e-6)
+    np.testing.assert_allclose(arrays["delta-sum"].numpy(), np.sum(vecs, axis=0), rtol=1e-6)
     assert metrics["users"] == 3 and metrics["dropped_replies"] == 0
+    # and the release divides by the expected cohort qN = 5, whatever was sampled
+    update, _ = make_release(q=0.5, n=10, sigma=0.0).release(1, torch.from_numpy(arrays["delta-sum"].numpy().copy()))
+    np.testing.assert_allclose(update.numpy(), np.sum(vecs, axis=0) / 5.0, rtol=1e-6)
 
 
 def test_bad_replies_are_dropped_and_counted(request_msg):
-    s = make_strategy(d=4, n=10, q=0.5, sigma=0.0, clip=1.0)
+    s = make_strategy(d=4, n=10, q=0.5, clip=1.0)
     good = reply([0.5, 0, 0, 0], to=request_msg)
     nan = reply([np.nan, 0, 0, 0], to=request_msg)
     shape = reply([0.1, 0.1], to=request_msg)
     unclipped = reply([3.0, 0, 0, 0], users=1, to=request_msg)  # norm 3 > 1 x C
     err = Message(Error(code=1, reason="boom"), reply_to=request_msg)
     arrays, metrics = s.aggregate_train(1, [good, nan, shape, unclipped, err])
-    np.testing.assert_allclose(arrays["w"].numpy(), [0.1, 0, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(arrays["delta-sum"].numpy(), [0.5, 0, 0, 0], rtol=1e-6)
     assert metrics["dropped_replies"] == 4 and metrics["users"] == 1
-    assert len(s.budget.ledger) == 1  # noise still added and counted
 
 
 def test_assign_users_to_nodes():
@@ -111,7 +117,7 @@ def test_tiny_end_to_end_run_writes_metrics_and_finite_epsilon(smoke_cfg):
     assert (run_dir / "final_weights.safetensors").is_file() and (run_dir / "config.yaml").is_file()
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
     assert len(ledger) == 3
-    assert make_accountant("pld").epsilon(ledger.total_event(), summary["delta"]) == pytest.approx(summary["epsilon"])
+    assert compute_epsilon(ledger.total_event(), summary["delta"], "pld") == pytest.approx(summary["epsilon"])
     others = summary["epsilon_by_accountant"]
     assert others["pld"] == pytest.approx(summary["epsilon"])
     assert others["rdp"] >= others["pld"] and others["prv"] >= others["pld"] * 0.999
@@ -132,14 +138,14 @@ def test_budget_stops_a_run_that_would_overspend(tmp_path):
 
     # calibrated for 3 rounds, but we ask for 3 and then force more rounds with a fixed sigma
     cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "run.rounds=3"])
-    from fedsim.uls import plan_uls
+    from fedsim.plan import plan_uls
 
     sigma = plan_uls(cfg, 20).mechanism.noise_multiplier
     cfg2 = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "run.rounds=6", f"dp.noise_multiplier={sigma}",
                                                "dp.epsilon=null"])
     # with epsilon=null and a fixed sigma the plan's epsilon becomes the target: 6 rounds fit
     _, s = run_uls(cfg2, say=lambda *_: None)
-    assert s["rounds"] == 6
+    assert s["steps"] == 6
     # the budget of 3 rounds with the same sigma: refused up front, nothing overspent
     from fedsim.errors import ConfigError
 
@@ -162,7 +168,7 @@ def test_uls_run_with_lmo_noise_uses_the_faithful_accountant(tmp_path):
     d = s["trainable_weights"]
     expected = faithful_epsilon(LmoParams.from_dict(lmo), q=s["q"], steps=3, delta=s["delta"], dimension=d)
     assert s["epsilon"] == pytest.approx(expected, rel=1e-6)
-    assert make_accountant("lmo_faithful").epsilon(ledger.total_event(), s["delta"]) == pytest.approx(s["epsilon"])
+    assert compute_epsilon(ledger.total_event(), s["delta"], "lmo_faithful") == pytest.approx(s["epsilon"])
 
 
 def test_a_users_delta_with_dropout_depends_only_on_seed_round_and_user(tmp_path):

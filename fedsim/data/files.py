@@ -44,7 +44,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,7 @@ import pyarrow.compute as pc
 from fedsim.data.base import UserStore
 from fedsim.data.synthetic import split_test_count, split_test_counts
 from fedsim.errors import DataError
+from fedsim.rundir import cache_dir as fedsim_cache_dir
 
 log = logging.getLogger("fedsim.data")
 
@@ -64,11 +65,6 @@ RELEASE_EVERY = 8  # user reads between dropping the mapped example pages from R
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv",
            ".parquet": "parquet", ".pq": "parquet"}
 _SCHEMA = pa.schema([("user", pa.string()), ("text", pa.string())])
-
-
-def cache_root() -> Path:
-    root = os.environ.get("FEDSIM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fedsim")
-    return Path(root) / "files"
 
 
 @dataclass
@@ -126,7 +122,7 @@ class FileUserStore(UserStore):
                "format": self.format, "user": user_column, "text": text_column, "min": self.min_examples,
                "max_bytes": self.max_example_bytes, "long": long_examples, "v": INDEX_VERSION}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        self.index_dir = Path(cache_dir) / "files" / digest if cache_dir else cache_root() / digest
+        self.index_dir = Path(cache_dir) / "files" / digest if cache_dir else fedsim_cache_dir("files", digest)
         self.built = False
         if not self._load_meta():
             self.built = self._build()
@@ -329,6 +325,11 @@ class FileUserStore(UserStore):
             raise
         except pa.ArrowInvalid as exc:
             raise self._csv_error(exc, bad, 0) from None
+        yield from self._batches_of(reader, lambda exc, row: self._csv_error(exc, bad, row))
+
+    def _batches_of(self, reader, error: Callable[[Exception, int], Exception]) -> Iterator[_Batch]:
+        """The record batches of an Arrow reader as `_Batch`es; a read error (after `row` rows)
+        becomes `error(exc, row)`, and so does a batch without the user or text column."""
         row = 0
         while True:
             try:
@@ -336,7 +337,9 @@ class FileUserStore(UserStore):
             except StopIteration:
                 return
             except pa.ArrowInvalid as exc:
-                raise self._csv_error(exc, bad, row) from None
+                raise error(exc, row) from None
+            if self.user_column not in rb.schema.names or self.text_column not in rb.schema.names:
+                raise error(KeyError(self.user_column), row)
             yield _Batch(rb.column(self.user_column), rb.column(self.text_column), row)
             row += rb.num_rows
 
@@ -358,17 +361,7 @@ class FileUserStore(UserStore):
         block = max(1 << 24, 2 * self.max_example_bytes + 65_536)
         try:
             reader = pj.open_json(str(self.path), read_options=pj.ReadOptions(use_threads=False, block_size=block))
-            row = 0
-            while True:
-                try:
-                    rb = reader.read_next_batch()
-                except StopIteration:
-                    return
-                names = rb.schema.names
-                if self.user_column not in names or self.text_column not in names:
-                    raise _NeedLineReader()
-                yield _Batch(rb.column(self.user_column), rb.column(self.text_column), row)
-                row += rb.num_rows
+            yield from self._batches_of(reader, lambda exc, row: _NeedLineReader())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, UnicodeDecodeError, ValueError):
             raise _NeedLineReader() from None
 

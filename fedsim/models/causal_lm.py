@@ -27,16 +27,12 @@ import torch
 from fedsim.errors import ModelError
 from fedsim.models.flat import FlatParams
 from fedsim.models.tokenizer import ByteTokenizer, HFTokenizerAdapter
+from fedsim.rundir import cache_dir, save_safetensors
 
 _LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("FEDSIM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fedsim")
-    return Path(root)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,7 +124,7 @@ def _load_local(path: str, gguf_file: str | None):
     if gguf_file:
         st = (p / gguf_file).stat()
         key = hashlib.sha256(f"{(p / gguf_file).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        cached = cache_dir() / "gguf" / key
+        cached = cache_dir("gguf", key)
         if (cached / "config.json").is_file():
             p = cached
         else:
@@ -192,15 +188,6 @@ def pretrain_on_public(model, tokenizer, texts, cfg, device, log=print) -> None:
     torch.set_num_threads(threads)
 
 
-def _atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 class CausalLMTask:
     """Model + tokenizer + flat trainable view, for clients (training) and server (eval)."""
 
@@ -231,7 +218,7 @@ class CausalLMTask:
         from safetensors.torch import load_file
 
         digest = hashlib.sha256("\x00".join(public).encode()).hexdigest()[:16]
-        path = cache_dir() / "pretrain" / f"gpt2-{_pretrain_key(self.cfg, digest)}.safetensors"
+        path = cache_dir("pretrain", f"gpt2-{_pretrain_key(self.cfg, digest)}.safetensors")
         if path.is_file():
             try:
                 model.load_state_dict(load_file(str(path)), strict=False)
@@ -244,7 +231,7 @@ class CausalLMTask:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         # GPT-2 ties lm_head to wte: store each storage once
         sd.pop("lm_head.weight", None)
-        _atomic_save_safetensors(sd, path)
+        save_safetensors(path, sd)
         log(f"cached public pre-training at {path}")
 
     def _add_lora(self, model):

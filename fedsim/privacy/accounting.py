@@ -1,230 +1,238 @@
-"""Privacy accountants behind one interface: a DpEvent and delta in, an epsilon out.
+"""Where a run's epsilon is computed: dp_accounting `PrivacyAccountant`s, found by name.
 
-Every release fedsim makes is described by a `dp_accounting.dp_event.DpEvent` (the
-ledger stores them). An `Accountant` turns a (composed) event into epsilon for a delta,
-or delta for an epsilon. Backends:
+Every release fedsim makes is a `dp_accounting.dp_event.DpEvent` (the ledger stores them).
+An accountant composes events (`compose(event, count)`) and answers `get_epsilon(delta)` and
+`get_delta(epsilon)`; a run's budget holds one live accountant (`privacy/budget.py`).
+`make_accountant(name)`:
 
-* ``pld`` -- dp_accounting's privacy-loss-distribution accountant (pessimistic
-  discretisation, so the result is an upper bound up to the connect-the-dots
-  construction of Doroshenko et al., arXiv 2207.04380). The default: tightest bound.
-* ``rdp`` -- dp_accounting's Renyi-DP accountant (Mironov 2017; subsampled Gaussian
-  by Mironov, Talwar, Zhang 2019). An upper bound, looser than PLD.
-* ``prv`` and ``edgeworth`` -- see `fedsim.privacy.prv` and `fedsim.privacy.edgeworth`.
+* ``pld`` -- dp_accounting's `PLDAccountant` (add/remove neighbours, pessimistic
+  discretisation: an upper bound up to the connect-the-dots construction of Doroshenko et
+  al., arXiv 2207.04380), with each distinct release's PLD built once (`_leaf_pld`). The
+  default and the tightest. It also accounts for the ELS step (`MixtureOfGaussiansDpEvent`).
+* ``rdp`` -- dp_accounting's `RdpAccountant` (Mironov 2017; subsampled Gaussian by Mironov,
+  Talwar, Zhang 2019; conversion by Canonne, Kamath, Steinke 2020, Prop. 12). Looser.
+* ``prv`` (`privacy/prv.py`), ``edgeworth`` (`privacy/edgeworth.py`), ``lmo_faithful``
+  (`privacy/lmo/faithful.py`): fedsim's own, subclasses of `ReleaseCounter` below.
 
-Only accountants with ``is_upper_bound = True`` may report "the" epsilon of a run.
-
-This is where a run's epsilon is computed: `compute_epsilon(ledger_event, delta, name)`.
+An accountant with ``is_upper_bound = False`` (the Edgeworth approximation) can never be
+named by a run; only upper bounds report a run's epsilon.
 """
 
 from __future__ import annotations
 
-import abc
 import functools
+import importlib
 import logging
 import math
-from collections.abc import Callable
 
 from dp_accounting import dp_event
 from dp_accounting import privacy_accountant as dpa
-from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedsim.compat import memoised_pld_accountant
-from fedsim.errors import ConfigError
 
 # dp_accounting's RDP logs a warning for every order whose series does not converge
 # (the order is then excluded, which keeps the bound valid); keep the console clean.
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 UnsupportedEventError = dpa.UnsupportedEventError
+ADD_OR_REMOVE = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
 def check_sampling_rate(q: float, name: str = "q") -> None:
     if not (isinstance(q, (int, float)) and 0.0 < q <= 1.0 and math.isfinite(q)):
-        raise ConfigError(f"{name} must be in (0, 1], got {q!r}")
+        raise ValueError(f"{name} must be in (0, 1], got {q!r}")
 
 
-def check_noise_multiplier(sigma: float, name: str = "sigma") -> None:
-    if not (isinstance(sigma, (int, float)) and sigma > 0.0 and math.isfinite(sigma)):
-        raise ConfigError(f"{name} must be a positive finite number, got {sigma!r}")
+def check_positive(x: float, name: str) -> None:
+    if not (isinstance(x, (int, float)) and x > 0.0 and math.isfinite(x)):
+        raise ValueError(f"{name} must be a positive finite number, got {x!r}")
 
 
 def check_delta(delta: float, name: str = "delta") -> None:
     if not (isinstance(delta, (int, float)) and 0.0 < delta < 1.0):
-        raise ConfigError(f"{name} must be in (0, 1), got {delta!r}")
-
-
-def check_epsilon(epsilon: float, name: str = "epsilon") -> None:
-    if not (isinstance(epsilon, (int, float)) and epsilon > 0.0 and math.isfinite(epsilon)):
-        raise ConfigError(f"{name} must be a positive finite number, got {epsilon!r}")
+        raise ValueError(f"{name} must be in (0, 1), got {delta!r}")
 
 
 def check_steps(steps: int, name: str = "steps") -> None:
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ConfigError(f"{name} must be an integer >= 1, got {steps!r}")
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {steps!r}")
 
 
 def poisson_gaussian_event(q: float, noise_multiplier: float, steps: int) -> dp_event.DpEvent:
     """T rounds of a Poisson-subsampled Gaussian: the ULS (DP-FedAvg) release.
 
-    One round releases sum_u clip(Delta_u) + N(0, (sigma C)^2 I) over a Poisson(q)
-    cohort; with add/remove-one-user neighbours its sensitivity is C, so the
-    noise multiplier is sigma = std / C.
-    """
+    One round releases sum_u clip(Delta_u) + N(0, (sigma C)^2 I) over a Poisson(q) cohort;
+    with add/remove-one-user neighbours its sensitivity is C, so sigma = std / C."""
     check_sampling_rate(q)
-    check_noise_multiplier(noise_multiplier, "noise_multiplier")
+    check_positive(noise_multiplier, "noise_multiplier")
     check_steps(steps)
-    one = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(noise_multiplier))
-    return dp_event.SelfComposedDpEvent(one, steps)
+    return dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(noise_multiplier)),
+                                        steps)
 
 
-def is_non_private(event: dp_event.DpEvent) -> bool:
-    """True if any part of the event releases data without noise (epsilon is then inf)."""
-    if isinstance(event, dp_event.NonPrivateDpEvent):
-        return True
-    for f in getattr(type(event), "__attrs_attrs__", ()):
-        v = getattr(event, f.name)
-        items = v if isinstance(v, (list, tuple)) else [v]
-        if any(isinstance(x, dp_event.DpEvent) and is_non_private(x) for x in items):
-            return True
-    return False
+# -- fedsim's own accountants ---------------------------------------------------------------------
 
 
-class Accountant(abc.ABC):
-    """Epsilon / delta of a DpEvent. Stateless: every call composes from scratch."""
-
-    name: str = ""
-    #: True when the value returned is a proven upper bound on the true epsilon.
-    is_upper_bound: bool = True
-
-    @abc.abstractmethod
-    def supports(self, event: dp_event.DpEvent) -> bool:
-        """Whether this backend can account for `event`."""
-
-    @abc.abstractmethod
-    def epsilon(self, event: dp_event.DpEvent, delta: float) -> float:
-        """Epsilon at `delta` for the event (inf for a non-private event)."""
-
-    @abc.abstractmethod
-    def delta(self, event: dp_event.DpEvent, epsilon: float) -> float:
-        """Delta at `epsilon` for the event."""
-
-    def _require(self, event: dp_event.DpEvent) -> None:
-        if not self.supports(event):
-            raise UnsupportedEventError(f"the {self.name} accountant cannot account for {event}")
+NO_LOSS = object()  # a release whose output does not depend on the user
+NON_PRIVATE = object()  # a release without noise
 
 
-class _DpAccountingBackend(Accountant):
-    """Thin wrapper over a dp_accounting PrivacyAccountant factory."""
+class ReleaseCounter(dpa.PrivacyAccountant):
+    """A dp_accounting `PrivacyAccountant` that composes by counting releases.
 
-    def _make(self) -> dpa.PrivacyAccountant:
+    The walk over `ComposedDpEvent` / `SelfComposedDpEvent` / `NoOpDpEvent` /
+    `NonPrivateDpEvent` is done here once; a subclass names the releases it understands
+    (`release_key`: a hashable key, `NO_LOSS`, `NON_PRIVATE`, or None for unsupported) and
+    computes epsilon and delta from `self.counts` {key: times composed} (`_epsilon`,
+    `_delta`). Composing costs O(1); the work is in the query, and it depends on the number
+    of distinct releases, never on how many rounds were composed."""
+
+    name = ""
+    is_upper_bound = True
+
+    def __init__(self):
+        super().__init__(ADD_OR_REMOVE)
+        self.counts: dict = {}
+        self.non_private = False
+
+    def release_key(self, event: dp_event.DpEvent):
         raise NotImplementedError
 
-    def supports(self, event: dp_event.DpEvent) -> bool:
-        return self._make().supports(event)
+    def _maybe_compose(self, event, count, do_compose):
+        if isinstance(event, dp_event.NoOpDpEvent) or (do_compose and count == 0):
+            return None
+        if isinstance(event, dp_event.SelfComposedDpEvent):
+            return self._maybe_compose(event.event, count * int(event.count), do_compose)
+        if isinstance(event, dp_event.ComposedDpEvent):
+            for sub in event.events:
+                error = self._maybe_compose(sub, count, do_compose)
+                if error is not None:
+                    return error
+            return None
+        key = NON_PRIVATE if isinstance(event, dp_event.NonPrivateDpEvent) else self.release_key(event)
+        if key is None:
+            return self.CompositionErrorDetails(invalid_event=event,
+                                                error_message=f"the {self.name} accountant cannot account for it")
+        if do_compose and key is NON_PRIVATE:
+            self.non_private = True
+        elif do_compose and key is not NO_LOSS:
+            self.counts[key] = self.counts.get(key, 0) + count
+        return None
 
-    def epsilon(self, event: dp_event.DpEvent, delta: float) -> float:
-        check_delta(delta)
-        if is_non_private(event):  # a state, not a crash
+    def get_epsilon(self, target_delta: float) -> float:
+        check_delta(target_delta)
+        if self.non_private:
             return math.inf
-        self._require(event)
-        acc = self._make()
-        acc.compose(event)
-        return float(acc.get_epsilon(delta))
+        return self._epsilon(target_delta) if self.counts else 0.0
 
-    def delta(self, event: dp_event.DpEvent, epsilon: float) -> float:
-        if is_non_private(event):
+    def get_delta(self, target_epsilon: float) -> float:
+        if self.non_private:
             return 1.0
-        self._require(event)
-        acc = self._make()
-        acc.compose(event)
-        return float(acc.get_delta(epsilon))
+        return self._delta(target_epsilon) if self.counts else 0.0
+
+    def _epsilon(self, delta: float) -> float:
+        raise NotImplementedError
+
+    def _delta(self, epsilon: float) -> float:
+        raise NotImplementedError
 
 
-@functools.lru_cache(maxsize=8)  # the budget guard needs one or two; calibration searches would fill more
-def _subsampled_gaussian_pld(noise_multiplier: float, q: float, interval: float, relation):
-    """dp_accounting's PLD of one Poisson-subsampled Gaussian release, built exactly as its
-    `PLDAccountant` builds it. Building it is most of an epsilon query (~0.12 s at q=0.05,
-    interval 1e-3, while composing it 200 times costs ~0.02 s) and the budget guard asks every
-    round with the same release, so it is built once per setting. PLDs are immutable
-    (`compose`/`self_compose` return new objects), so sharing one is safe."""
+# -- dp_accounting's accountants --------------------------------------------------------------------
+
+
+def _mixture_key(event) -> tuple | None:
+    """(sigma, sensitivities, probabilities) of a release dp_accounting's PLD builds as one
+    subsampled-Gaussian or mixture-of-Gaussians PLD; None for anything else."""
+    if isinstance(event, dp_event.PoissonSampledDpEvent) and isinstance(event.event, dp_event.GaussianDpEvent):
+        q, sigma = float(event.sampling_probability), float(event.event.noise_multiplier)
+        return None if q == 0 or sigma == 0 else (sigma, None, q)
+    if isinstance(event, dp_event.MixtureOfGaussiansDpEvent) and event.standard_deviation != 0:
+        sens = tuple(float(c) for c in event.sensitivities)
+        return None if sens in ((0.0,), ()) else (float(event.standard_deviation), sens,
+                                                  tuple(float(p) for p in event.sampling_probs))
+    return None
+
+
+@functools.lru_cache(maxsize=16)  # the budget guard needs one or two; calibration searches fill more
+def _cached_pld(key: tuple, interval: float):
     from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-    return pld_lib.from_gaussian_mechanism(
-        standard_deviation=noise_multiplier, value_discretization_interval=interval,
-        sampling_prob=q, neighboring_relation=relation)
+    sigma, sens, probs = key
+    if sens is None:  # Poisson-subsampled Gaussian, as PLDAccountant builds it
+        return pld_lib.from_gaussian_mechanism(standard_deviation=sigma, value_discretization_interval=interval,
+                                               sampling_prob=probs, neighboring_relation=ADD_OR_REMOVE)
+    return pld_lib.from_mixture_gaussian_mechanism(standard_deviation=sigma, sensitivities=list(sens),
+                                                   sampling_probs=list(probs), value_discretization_interval=interval)
 
 
-class PldAccountant(_DpAccountingBackend):
-    """dp_accounting PLD (add/remove neighbours), pessimistic discretisation.
-
-    The discretisation interval trades time for tightness, never validity: with the
-    pessimistic estimate every interval gives an upper bound. At q=0.05, T=50 the
-    epsilon at 1e-3 and 1e-4 agree to 5 digits while 1e-3 is ~10x faster.
-    """
-
-    name = "pld"
-
-    def __init__(self, value_discretization_interval: float = 1e-3):
-        self.value_discretization_interval = value_discretization_interval
-
-    def _make(self) -> dpa.PrivacyAccountant:
-        # dp_accounting's PLDAccountant with the subsampled-Gaussian PLD memoised (same numbers,
-        # bit for bit, tested); it overrides a private method, so it lives in fedsim/compat.py
-        return memoised_pld_accountant(self.value_discretization_interval, _subsampled_gaussian_pld)
+def _leaf_pld(event, interval: float):
+    """The PLD dp_accounting's PLDAccountant builds for one release, built once per setting:
+    building is most of a query (0.12 s for a q=0.05 Gaussian at interval 1e-3, ~1 s for the
+    ELS mixture at 1e-2) while self-composing it costs tens of ms, and the budget guard asks
+    with the same release every round. PLDs are immutable, so sharing one is safe. None: not
+    memoised (the library builds it)."""
+    key = _mixture_key(event)
+    return None if key is None else _cached_pld(key, float(interval))
 
 
-class RdpAccountant(_DpAccountingBackend):
-    """dp_accounting RDP with its default orders; conversion to (eps, delta) by
-    Canonne, Kamath, Steinke 2020 (arXiv 2004.00010), Proposition 12."""
-
-    name = "rdp"
-
-    def _make(self) -> dpa.PrivacyAccountant:
-        return rdp_privacy_accountant.RdpAccountant()
+def pld_accountant(value_discretization_interval: float = 1e-3) -> dpa.PrivacyAccountant:
+    """dp_accounting's PLDAccountant (add/remove); the interval trades time for tightness, never
+    validity (at q=0.05, T=50, 1e-3 and 1e-4 agree to 5 digits while 1e-3 is ~10x faster)."""
+    if not 0 < value_discretization_interval <= 0.1:
+        raise ValueError(f"value_discretization_interval must be in (0, 0.1], got {value_discretization_interval!r}")
+    return memoised_pld_accountant(value_discretization_interval, _leaf_pld)
 
 
-_REGISTRY: dict[str, Callable[..., Accountant]] = {
-    "pld": PldAccountant,
-    "rdp": RdpAccountant,
+def rdp_accountant() -> dpa.PrivacyAccountant:
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    return rdp_privacy_accountant.RdpAccountant()
+
+
+#: name -> (module, factory). Imported on first use, never as a side effect.
+_ACCOUNTANTS = {
+    "pld": ("fedsim.privacy.accounting", "pld_accountant"),
+    "rdp": ("fedsim.privacy.accounting", "rdp_accountant"),
+    "prv": ("fedsim.privacy.prv", "PrvAccountant"),
+    "edgeworth": ("fedsim.privacy.edgeworth", "EdgeworthAccountant"),
+    "lmo_faithful": ("fedsim.privacy.lmo.faithful", "LmoFaithfulAccountant"),
 }
-
-
-def register_accountant(name: str, factory: Callable[..., Accountant]) -> None:
-    """Add a backend to `make_accountant` (used by prv, edgeworth, lmo modules)."""
-    _REGISTRY[name] = factory
+#: names older run directories use: the ELS mixture PLD (now `pld` at the ELS interval)
+_ALIASES = {"els_pld": ("pld", {"value_discretization_interval": 1e-2})}
 
 
 def accountant_names() -> list[str]:
-    _load_optional_backends()
-    return list(_REGISTRY)
+    return list(_ACCOUNTANTS)
 
 
-#: accountants for every release (`accountant_names`, the per-accountant epsilons of a summary)
-_OPTIONAL_BACKENDS = ("fedsim.privacy.prv", "fedsim.privacy.edgeworth", "fedsim.privacy.lmo")
-#: found by name only (`make_accountant`): ELS's mixture accountant, named by ELS summaries
-_ON_DEMAND_BACKENDS = ("fedsim.privacy.els_accounting",)
+def accountant_factory(name: str):
+    """The class or function that makes the named accountant (its keyword arguments are the options)."""
+    name = _ALIASES.get(name, (name,))[0]
+    if name not in _ACCOUNTANTS:
+        raise ValueError(f"the accountant must be one of {sorted(_ACCOUNTANTS)}, got {name!r}")
+    module, factory = _ACCOUNTANTS[name]
+    return getattr(importlib.import_module(module), factory)
 
 
-def _load_optional_backends(modules: tuple[str, ...] = _OPTIONAL_BACKENDS) -> None:
-    # Imported lazily: they register themselves. Missing modules are simply absent.
-    import importlib
-
-    for mod in modules:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:  # only tolerate the module itself missing
-            if exc.name != mod:
-                raise
+def make_accountant(name: str, **options) -> dpa.PrivacyAccountant:
+    """A fresh accountant by name (options: the factory's keyword arguments)."""
+    if name in _ALIASES:
+        options = {**_ALIASES[name][1], **options}
+    return accountant_factory(name)(**options)
 
 
-def make_accountant(name: str, **options) -> Accountant:
-    if name not in _REGISTRY:  # a fresh process (`fedsim account RUN_DIR`) has not imported them yet
-        _load_optional_backends(_OPTIONAL_BACKENDS + _ON_DEMAND_BACKENDS)
-    if name not in _REGISTRY:
-        raise ConfigError(f"dp.accountant must be one of {sorted(_REGISTRY)}, got {name!r}")
-    return _REGISTRY[name](**options)
+def epsilon(accountant: str | dpa.PrivacyAccountant, event: dp_event.DpEvent, delta: float, **options) -> float:
+    """Epsilon of `event` at `delta` under a fresh accountant (a name) or composed onto `accountant`."""
+    check_delta(delta)
+    acc = make_accountant(accountant, **options) if isinstance(accountant, str) else accountant
+    eps = float(acc.compose(event).get_epsilon(delta))
+    return eps if not math.isnan(eps) else math.inf
 
 
 def compute_epsilon(event: dp_event.DpEvent, delta: float, accountant: str = "pld", **options) -> float:
     """The epsilon of `event` at `delta` under the named accountant."""
-    return make_accountant(accountant, **options).epsilon(event, delta)
+    return epsilon(accountant, event, delta, **options)
+
+
+def supports(accountant: str, event: dp_event.DpEvent, **options) -> bool:
+    return make_accountant(accountant, **options).supports(event)

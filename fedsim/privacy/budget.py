@@ -1,34 +1,70 @@
-"""The budget guard: a release happens only if the ledger plus it stays within (epsilon, delta)."""
+"""The budget guard: a release happens only if everything released so far plus it stays
+within (epsilon, delta).
+
+The budget holds one live dp_accounting `PrivacyAccountant`. Releases arrive in runs of
+identical events (a run's every round is the same Poisson-sampled release); the accountant is
+composed once per finished run, and the current run is composed as one
+`SelfComposedDpEvent(event, n)` when asked. A check therefore costs the same after 10 or
+10,000 releases, and equals, bit for bit, what any accountant computes from the ledger's
+run-length form (`ledger.total_event()`, what `fedsim account RUN_DIR` recomputes). The
+ledger is the durable record: a resumed run rebuilds the budget from it once.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable, Iterable
 
 from dp_accounting import dp_event
+from dp_accounting import privacy_accountant as dpa
 
 from fedsim.errors import BudgetExceededError
-from fedsim.privacy.accounting import Accountant
-from fedsim.privacy.ledger import PrivacyLedger
 
 
 class PrivacyBudget:
-    def __init__(self, ledger: PrivacyLedger, accountant: Accountant, delta: float, target_epsilon: float | None):
-        self.ledger, self.accountant, self.delta, self.target = ledger, accountant, delta, target_epsilon
+    def __init__(self, make_accountant: Callable[[], dpa.PrivacyAccountant], delta: float,
+                 target_epsilon: float | None, history: Iterable[dp_event.DpEvent] = ()):
+        self.delta, self.target = delta, target_epsilon
+        self._done = make_accountant()  # composed with every finished run
+        self._run: list | None = None  # [event, count] of the current run, not yet composed
+        self.releases = 0
+        for event in history:
+            self.compose(event)
+
+    def compose(self, event: dp_event.DpEvent) -> None:
+        """Count one release (once it is recorded in the ledger)."""
+        self.releases += 1
+        if self._run is not None and self._run[0] == event:
+            self._run[1] += 1
+            return
+        if self._run is not None:
+            self._done.compose(*self._run)
+        self._run = [event, 1]
+
+    def _epsilon(self, extra: dp_event.DpEvent | None = None) -> float:
+        pending = [list(self._run)] if self._run is not None else []
+        if extra is not None:
+            if pending and pending[-1][0] == extra:
+                pending[-1][1] += 1
+            else:
+                pending.append([extra, 1])
+        if not pending:
+            return 0.0
+        acc = copy.deepcopy(self._done)
+        for event, count in pending:
+            acc.compose(event, count)
+        eps = float(acc.get_epsilon(self.delta))
+        return eps if math.isfinite(eps) else math.inf  # NaN counts as unbounded
 
     def spent(self) -> float:
-        if len(self.ledger) == 0:
-            return 0.0
-        return self.accountant.epsilon(self.ledger.total_event(), self.delta)
-
-    def epsilon_with(self, event: dp_event.DpEvent) -> float:
-        return self.accountant.epsilon(self.ledger.total_event([event]), self.delta)
+        return self._epsilon()
 
     def check(self, event: dp_event.DpEvent) -> float:
         """Epsilon after `event`; raises BudgetExceededError if that exceeds the target."""
-        eps = self.epsilon_with(event)
+        eps = self._epsilon(event)
         if self.target is not None and not (eps <= self.target * (1 + 1e-9)):
             raise BudgetExceededError(
                 f"the next release would spend epsilon={eps:.4g} > budget {self.target:g} at delta={self.delta:g}"
-                f" ({len(self.ledger)} releases so far); stopping"
-            )
-        return eps if math.isfinite(eps) else math.inf
+                f" ({self.releases} releases so far); stopping")
+        return eps

@@ -11,7 +11,7 @@ Two quantities, kept apart on purpose
   each CDF replaced by a rigorous band around its normal approximation. At the deltas
   used in practice (<= 1e-4) and T <= 10^5 this band is wider than delta itself, so the
   bound is ``inf`` (vacuous) -- see "Why the bound is usually vacuous".
-* ``EdgeworthAccountant.epsilon`` (the registered "edgeworth" accountant) reports
+* ``EdgeworthAccountant.get_epsilon`` (the registered "edgeworth" accountant) reports
   ``max(epsilon_bound, epsilon_PLD)`` when the bound is finite, and falls back to the PLD
   upper bound (dp_accounting, pessimistic) when it is vacuous. Both are proven upper
   bounds, so the reported value is one too, and it is never below PLD.
@@ -105,14 +105,8 @@ import numpy as np
 from dp_accounting import dp_event
 from scipy import special, stats
 
-from fedsim.privacy.accounting import (
-    Accountant,
-    PldAccountant,
-    UnsupportedEventError,
-    check_delta,
-    check_epsilon,
-    register_accountant,
-)
+from fedsim.privacy.calibration import log_bisect
+from fedsim.privacy.accounting import NO_LOSS, NON_PRIVATE, ReleaseCounter, check_delta, check_positive, pld_accountant
 
 log = logging.getLogger(__name__)
 
@@ -201,48 +195,27 @@ def pllr_moments(
 _Part = tuple[float, tuple[float, ...], tuple[float, ...]]  # (sigma, sensitivities, probabilities)
 
 
-def _flatten(event: dp_event.DpEvent) -> tuple[dict[_Part, int], bool]:
-    """Counts of each distinct release in `event`, and whether it contains a non-private one."""
-    counts: dict[_Part, int] = {}
-    non_private = False
-
-    def add(sigma: float, sens, probs, mult: int) -> None:
-        nonlocal non_private
-        kept = [(float(c), float(p)) for c, p in zip(sens, probs) if p > 0]
-        if all(c == 0.0 for c, _ in kept):  # the output never depends on the user
-            return
-        if sigma == 0:
-            non_private = True
-            return
-        key = (float(sigma), tuple(c for c, _ in kept), tuple(p for _, p in kept))
-        counts[key] = counts.get(key, 0) + mult
-
-    def visit(ev: dp_event.DpEvent, mult: int) -> None:
-        nonlocal non_private
-        if isinstance(ev, dp_event.NoOpDpEvent) or mult == 0:
-            return
-        if isinstance(ev, dp_event.NonPrivateDpEvent):
-            non_private = True
-        elif isinstance(ev, dp_event.ComposedDpEvent):
-            for sub in ev.events:
-                visit(sub, mult)
-        elif isinstance(ev, dp_event.SelfComposedDpEvent):
-            visit(ev.event, mult * int(ev.count))
-        elif isinstance(ev, dp_event.GaussianDpEvent):
-            add(ev.noise_multiplier, (1.0,), (1.0,), mult)
-        elif isinstance(ev, dp_event.MixtureOfGaussiansDpEvent):
-            add(ev.standard_deviation, ev.sensitivities, ev.sampling_probs, mult)
-        elif isinstance(ev, dp_event.PoissonSampledDpEvent) and isinstance(
-            ev.event, (dp_event.GaussianDpEvent, dp_event.NoOpDpEvent)
-        ):
-            q = float(ev.sampling_probability)
-            if q > 0 and isinstance(ev.event, dp_event.GaussianDpEvent):
-                add(ev.event.noise_multiplier, (0.0, 1.0), (1.0 - q, q), mult)
-        else:
-            raise UnsupportedEventError(f"the edgeworth accountant cannot account for {ev}")
-
-    visit(event, 1)
-    return counts, non_private
+def release_part(event: dp_event.DpEvent):
+    """(sigma, sensitivities, probabilities) of one release: a Gaussian (sensitivity 1), a
+    Poisson(q)-subsampled Gaussian (0 or 1 with probabilities 1-q, q) or a mixture of Gaussians
+    (the ELS step); `NO_LOSS`, `NON_PRIVATE`, or None if unsupported."""
+    if isinstance(event, dp_event.GaussianDpEvent):
+        sigma, sens, probs = event.noise_multiplier, (1.0,), (1.0,)
+    elif isinstance(event, dp_event.MixtureOfGaussiansDpEvent):
+        sigma, sens, probs = event.standard_deviation, event.sensitivities, event.sampling_probs
+    elif isinstance(event, dp_event.PoissonSampledDpEvent) and isinstance(event.event, dp_event.NoOpDpEvent):
+        return NO_LOSS
+    elif isinstance(event, dp_event.PoissonSampledDpEvent) and isinstance(event.event, dp_event.GaussianDpEvent):
+        q = float(event.sampling_probability)
+        sigma, sens, probs = event.event.noise_multiplier, (0.0, 1.0), (1.0 - q, q)
+    else:
+        return None
+    kept = [(float(c), float(p)) for c, p in zip(sens, probs) if p > 0]
+    if all(c == 0.0 for c, _ in kept):  # the output never depends on the user
+        return NO_LOSS
+    if sigma == 0:
+        return NON_PRIVATE
+    return float(sigma), tuple(c for c, _ in kept), tuple(p for _, p in kept)
 
 
 @dataclass(frozen=True)
@@ -311,19 +284,6 @@ def _eps_grid(c: ComposedPllr, points: int = 4001) -> np.ndarray:
     return np.linspace(0.0, top, points)
 
 
-def _bisect(f, lo: float, hi: float, target: float, iters: int = 60) -> float:
-    """With f(lo) > target >= f(hi): the smallest hi found with f(hi) <= target."""
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if f(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-        if hi - lo <= 1e-10 * max(1.0, hi):
-            break
-    return hi
-
-
 def _eps_from_curve(curve, c: ComposedPllr, delta: float, first_crossing: bool) -> float:
     """Smallest eps with curve <= delta (first_crossing, for the bound: any such eps is valid
     because the true delta(eps) is non-increasing) or the eps past which curve stays <= delta
@@ -344,8 +304,9 @@ def _eps_from_curve(curve, c: ComposedPllr, delta: float, first_crossing: bool) 
         i = int(bad[-1]) + 1
     if i == 0:
         return 0.0
-    f = lambda e: float(curve(np.array([e]), c)[0])  # noqa: E731
-    return _bisect(f, float(grid[i - 1]), float(grid[i]), delta)
+    # refine between the failing grid point and the passing one (kept: a point that passes)
+    return log_bisect(lambda e: float(curve(np.array([e]), c)[0]) <= delta, float(grid[i]),
+                      max(float(grid[i - 1]), 1e-12 * float(grid[i])), rtol=1e-10)
 
 
 # --- the accountant ---------------------------------------------------------------------------
@@ -367,138 +328,105 @@ class EdgeworthEpsilon:
     source: str
 
 
-class EdgeworthAccountant(Accountant):
+class EdgeworthAccountant(ReleaseCounter):
     """Edgeworth Accountant (arXiv 2206.04236); reports a proven upper bound, never the estimate.
 
-    ``epsilon`` = max(Edgeworth finite-sample bound, PLD bound) when the former is finite,
+    ``get_epsilon`` = max(Edgeworth finite-sample bound, PLD bound) when the former is finite,
     else the PLD bound (fallback, see the module docstring: the bound is vacuous for
     delta below its Berry-Esseen CDF error, i.e. in most DP training settings). So the
-    reported epsilon is always a proven upper bound and never below PLD.
-    ``epsilon_approximation`` is the accountant's estimate, labelled as such.
+    reported epsilon is always a proven upper bound and never below PLD; the same releases
+    are composed into a PLD accountant alongside. ``epsilon_approximation`` is the
+    accountant's estimate, labelled as such.
     """
 
     name = "edgeworth"
-    is_upper_bound = True
 
-    def __init__(self, pld_value_discretization_interval: float = 1e-3):
-        self.pld = PldAccountant(value_discretization_interval=pld_value_discretization_interval)
+    def __init__(self, value_discretization_interval: float = 1e-3):  # of the PLD composed alongside
+        super().__init__()
+        self.pld = pld_accountant(value_discretization_interval)
+
+    def release_key(self, event: dp_event.DpEvent):
+        return release_part(event)
 
     def supports(self, event: dp_event.DpEvent) -> bool:
-        try:
-            _flatten(event)
-        except UnsupportedEventError:
-            return False
-        return self.pld.supports(event)
+        return super().supports(event) and self.pld.supports(event)
 
-    def _composed(self, event: dp_event.DpEvent):
-        counts, non_private = _flatten(event)
-        return (None if non_private or not counts else compose(counts)), non_private
+    def compose(self, event: dp_event.DpEvent, count: int = 1) -> "EdgeworthAccountant":
+        super().compose(event, count)
+        self.pld.compose(event, count)
+        return self
 
-    # -- approximation (NOT a bound) --------------------------------------------------------
-    def epsilon_approximation(self, event: dp_event.DpEvent, delta: float) -> float:
-        """Edgeworth estimate of epsilon at `delta` (eq. (1) with (2)); not an upper bound."""
-        return self._epsilon_from(delta_approximation_curve, event, delta, conservative=False)
+    def _composed(self) -> dict[str, ComposedPllr] | None:
+        return None if self.non_private or not self.counts else compose(self.counts)
 
-    def _epsilon_from(self, curve, event: dp_event.DpEvent, delta: float, conservative: bool) -> float:
-        """Worst epsilon over the event's parts from a delta(eps) curve (approximate or upper)."""
+    def _epsilon_from(self, curve, delta: float, conservative: bool) -> float:
+        """Worst epsilon over both directions from a delta(eps) curve (approximate or upper)."""
         check_delta(delta)
-        composed, non_private = self._composed(event)
-        if non_private:
+        if self.non_private:
             return math.inf
+        composed = self._composed()
         if composed is None:
             return 0.0
         return max(_eps_from_curve(curve, c, delta, conservative) for c in composed.values())
 
-    def delta_approximation(self, event: dp_event.DpEvent, epsilon: float) -> float:
-        """Edgeworth estimate of delta at `epsilon`; not an upper bound."""
-        composed, non_private = self._composed(event)
-        if non_private:
+    def _delta_from(self, worst_at) -> float:
+        if self.non_private:
             return 1.0
-        if composed is None:
-            return 0.0
-        e = np.array([float(epsilon)])
-        return float(min(1.0, max(0.0, max(delta_approximation_curve(e, c)[0] for c in composed.values()))))
+        composed = self._composed()
+        return 0.0 if composed is None else min(1.0, max(0.0, max(worst_at(c) for c in composed.values())))
+
+    # -- approximation (NOT a bound) --------------------------------------------------------
+    def epsilon_approximation(self, delta: float) -> float:
+        """Edgeworth estimate of epsilon at `delta` (eq. (1) with (2)); not an upper bound."""
+        return self._epsilon_from(delta_approximation_curve, delta, conservative=False)
+
+    def delta_approximation(self, epsilon: float) -> float:
+        """Edgeworth estimate of delta at `epsilon`; not an upper bound."""
+        return self._delta_from(lambda c: float(delta_approximation_curve(np.array([float(epsilon)]), c)[0]))
 
     # -- rigorous bound -------------------------------------------------------------------------
-    def epsilon_bound(self, event: dp_event.DpEvent, delta: float) -> float:
+    def epsilon_bound(self, delta: float) -> float:
         """Smallest eps with delta_upper(eps) <= delta, eq. (4); inf when the bound is vacuous."""
-        return self._epsilon_from(delta_upper_curve, event, delta, conservative=True)
+        return self._epsilon_from(delta_upper_curve, delta, conservative=True)
 
-    def delta_bound(self, event: dp_event.DpEvent, epsilon: float) -> float:
+    def delta_bound(self, epsilon: float) -> float:
         """min over eps' <= epsilon of delta_upper(eps'): valid because delta(.) is non-increasing."""
-        composed, non_private = self._composed(event)
-        if non_private:
-            return 1.0
-        if composed is None:
-            return 0.0
-        worst = 0.0
-        for c in composed.values():
-            grid = np.append(np.linspace(0.0, float(epsilon), 2001), float(epsilon))
-            worst = max(worst, float(np.min(delta_upper_curve(grid, c))))
-        return min(1.0, worst)
+        grid = np.append(np.linspace(0.0, float(epsilon), 2001), float(epsilon))
+        return self._delta_from(lambda c: float(np.min(delta_upper_curve(grid, c))))
 
     # -- the reported values --------------------------------------------------------------------
-    def _reported(self, event: dp_event.DpEvent, delta: float) -> tuple[float, float, float, str]:
-        """(bound, pld, reported, source) -- the rule of the class docstring."""
-        self._require(event)
-        check_delta(delta)
-        bound = self.epsilon_bound(event, delta)
-        pld = self.pld.epsilon(event, delta)
+    def epsilon_report(self, delta: float) -> EdgeworthEpsilon:
+        """Approximation, bound, PLD bound and the reported value (the rule of the class docstring)."""
+        bound, pld = self.epsilon_bound(delta), float(self.pld.get_epsilon(delta))
         if math.isfinite(bound):
-            return bound, pld, max(bound, pld), "edgeworth-bound"
-        log.debug("edgeworth bound vacuous at delta=%g; reporting the PLD bound", delta)
-        return bound, pld, pld, "pld-fallback"
+            reported, source = max(bound, pld), "edgeworth-bound"
+        else:
+            log.debug("edgeworth bound vacuous at delta=%g; reporting the PLD bound", delta)
+            reported, source = pld, "pld-fallback"
+        return EdgeworthEpsilon(self.epsilon_approximation(delta), bound, pld, reported, source)
 
-    def epsilon_report(self, event: dp_event.DpEvent, delta: float) -> EdgeworthEpsilon:
-        """Approximation, bound, PLD bound and the reported value, with its source."""
-        bound, pld, reported, source = self._reported(event, delta)
-        return EdgeworthEpsilon(self.epsilon_approximation(event, delta), bound, pld, reported, source)
+    def _epsilon(self, delta: float) -> float:
+        return float(self.epsilon_report(delta).reported)
 
-    def epsilon(self, event: dp_event.DpEvent, delta: float) -> float:
-        """A proven upper bound on epsilon: see the class docstring."""
-        return float(self._reported(event, delta)[2])
-
-    def delta(self, event: dp_event.DpEvent, epsilon: float) -> float:
-        """max(PLD delta bound, Edgeworth delta bound) at `epsilon`: a proven upper bound.
-
-        Unlike `epsilon` there is no fallback (a delta bound is always finite), so where the
-        Edgeworth bound is vacuous this is >= its Berry-Esseen CDF error and much looser than
-        PLD's delta; use the "pld" accountant for a tight delta.
-        """
-        self._require(event)
+    def _delta(self, epsilon: float) -> float:
+        """max(PLD delta bound, Edgeworth delta bound) at `epsilon`: a proven upper bound. Unlike
+        epsilon there is no fallback (a delta bound is always finite), so where the Edgeworth
+        bound is vacuous this is much looser than PLD's delta; use "pld" for a tight delta."""
         if epsilon != 0:
-            check_epsilon(epsilon)
-        return max(self.pld.delta(event, epsilon), self.delta_bound(event, epsilon))
+            check_positive(epsilon, "epsilon")
+        return max(float(self.pld.get_delta(epsilon)), self.delta_bound(epsilon))
 
 
-class EdgeworthApproximation(Accountant):
-    """The Edgeworth *estimate* behind the Accountant interface, for comparisons only.
-
-    ``is_upper_bound = False`` and deliberately not registered with `make_accountant`, so no
-    run can pick it as its accountant; `fedsim account` and the bench use it to show (and
-    calibrate against) the approximation EW-Tune reports, labelled as an approximation.
-    """
+class EdgeworthApproximation(EdgeworthAccountant):
+    """The Edgeworth *estimate* as an accountant, for comparisons only: ``is_upper_bound =
+    False`` and not in `make_accountant`'s registry, so no run can report it; `fedsim account`
+    and the bench show (and calibrate against) what EW-Tune reports, labelled as such."""
 
     name = "edgeworth-approx"
     is_upper_bound = False
 
-    def __init__(self):
-        self._edgeworth = EdgeworthAccountant()
+    def _epsilon(self, delta: float) -> float:
+        return self.epsilon_approximation(delta)
 
-    def supports(self, event: dp_event.DpEvent) -> bool:
-        try:
-            _flatten(event)
-        except UnsupportedEventError:
-            return False
-        return True
-
-    def epsilon(self, event: dp_event.DpEvent, delta: float) -> float:
-        self._require(event)
-        return self._edgeworth.epsilon_approximation(event, delta)
-
-    def delta(self, event: dp_event.DpEvent, epsilon: float) -> float:
-        self._require(event)
-        return self._edgeworth.delta_approximation(event, epsilon)
-
-
-register_accountant("edgeworth", EdgeworthAccountant)
+    def _delta(self, epsilon: float) -> float:
+        return self.delta_approximation(epsilon)

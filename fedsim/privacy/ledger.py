@@ -26,7 +26,7 @@ _EVENT_TYPES: dict[str, type] = {
 
 
 #: fedsim modules that define (and register) DpEvents of their own; imported on first need.
-_EVENT_MODULES = ("fedsim.privacy.lmo",)
+_EVENT_MODULES = ("fedsim.privacy.lmo.faithful",)
 
 
 def register_event_type(cls: type) -> type:
@@ -71,55 +71,34 @@ def event_from_dict(d: dict) -> dp_event.DpEvent:
     return cls(**kwargs)
 
 
-def _extend_runs(runs: list[list], event: dp_event.DpEvent) -> None:
-    """Append `event` to a run-length list [[event, count], ...]."""
-    if runs and runs[-1][0] == event:
-        runs[-1][1] += 1
-    else:
-        runs.append([event, 1])
-
-
-def _compose_runs(runs: list[list]) -> dp_event.DpEvent:
+def compress(events: list[dp_event.DpEvent]) -> dp_event.DpEvent:
+    """The composition of `events`, runs of identical events as SelfComposedDpEvents (fast PLD/RDP)."""
+    runs: list[list] = []
+    for ev in events:
+        if runs and runs[-1][0] == ev:
+            runs[-1][1] += 1
+        else:
+            runs.append([ev, 1])
     parts = [dp_event.SelfComposedDpEvent(ev, n) if n > 1 else ev for ev, n in runs]
     if not parts:
         return dp_event.NoOpDpEvent()
     return parts[0] if len(parts) == 1 else dp_event.ComposedDpEvent(parts)
 
 
-def compress(events: list[dp_event.DpEvent]) -> dp_event.DpEvent:
-    """Group runs of identical events into SelfComposedDpEvents (fast PLD/RDP)."""
-    runs: list[list] = []
-    for ev in events:
-        _extend_runs(runs, ev)
-    return _compose_runs(runs)
-
-
 class PrivacyLedger:
-    """Append-only record of releases. `path=None` keeps it in memory (tests, planning).
-
-    Besides the entries, the ledger keeps their run-length form (consecutive identical events
-    and their count), updated on every `record`: the composed event of a run of T identical
-    releases is one `SelfComposedDpEvent(event, T)` whatever T, so a budget check does not
-    re-read or re-compress the whole history (O(1) in T, not O(T))."""
+    """Append-only record of releases. `path=None` keeps it in memory (tests, planning)."""
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else None
         self.entries: list[dict] = []
-        self._runs: list[list] = []  # [event, count] per run of identical events
         self._steps: set[tuple[int, str]] = set()  # (step, event JSON) of every entry, for `has`
-        self._last_event_dict: dict | None = None
         if self.path is not None and self.path.exists():
             for entry in self.read(self.path):
                 self._append(entry)
 
     def _append(self, entry: dict) -> None:
         self.entries.append(entry)
-        ev = entry["event"]
-        # deserialise only a new run's first event (DpEvents compare by value)
-        same = self._runs and self._last_event_dict == ev
-        _extend_runs(self._runs, self._runs[-1][0] if same else event_from_dict(ev))
-        self._last_event_dict = ev
-        self._steps.add((int(entry["step"]), json.dumps(ev, sort_keys=True)))
+        self._steps.add((int(entry["step"]), json.dumps(entry["event"], sort_keys=True)))
 
     @staticmethod
     def read(path: str | Path) -> list[dict]:
@@ -161,15 +140,21 @@ class PrivacyLedger:
         return (int(step), json.dumps(event_to_dict(event), sort_keys=True)) in self._steps
 
     def events(self) -> list[dp_event.DpEvent]:
-        return [event_from_dict(e["event"]) for e in self.entries]
+        """Every recorded release, in order (an entry's event is deserialised once per run of
+        identical lines: DpEvents compare by value)."""
+        out, last = [], None
+        for e in self.entries:
+            if not (out and e["event"] == last):
+                out.append(event_from_dict(e["event"]))
+                last = e["event"]
+            else:
+                out.append(out[-1])
+        return out
 
-    def total_event(self, extra: list[dp_event.DpEvent] | None = None) -> dp_event.DpEvent:
-        """The composition of every recorded release (and `extra`), runs of identical events as
-        `SelfComposedDpEvent`s: built from the run-length form, O(number of runs)."""
-        runs = [list(run) for run in self._runs]
-        for ev in extra or []:
-            _extend_runs(runs, ev)
-        return _compose_runs(runs)
+    def total_event(self) -> dp_event.DpEvent:
+        """The composition of every recorded release, runs of identical events as
+        `SelfComposedDpEvent`s: what the run's budget composed, in the same order."""
+        return compress(self.events())
 
     def __len__(self) -> int:
         return len(self.entries)

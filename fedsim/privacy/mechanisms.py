@@ -1,8 +1,11 @@
 """Noise mechanisms: clip each user's update (`constrain_sensitivity`), noise the sum
 (`add_noise`), and describe one release to the accountants (`dp_event`).
 
-Strategies and trainers only use this interface, so a new mechanism (LMO, ...) is a
-new subclass and nothing else changes. The split follows pfl-research
+Strategies, trainers and the plan only use this interface, so a new mechanism (LMO, ...) is
+a new subclass and nothing else changes: it says how to noise, how one release, a
+Poisson-sampled release (ULS) and an ELS step (`mixture_event`) look to the accountants,
+which accountant it needs by default, and how to build it from a budget (`calibrated`, like
+Opacus' `make_private_with_epsilon`). The split follows pfl-research
 (`pfl/privacy/privacy_mechanism.py`): the first verb runs per user, the second on the
 aggregate, and both return `(result, metrics)`.
 
@@ -18,7 +21,7 @@ import math
 import torch
 from dp_accounting import dp_event
 
-from fedsim.privacy.accounting import check_noise_multiplier
+from fedsim.privacy.accounting import UnsupportedEventError, check_positive
 from fedsim.privacy.randomness import NOISE_CHUNK, RandomStream, snap_to_grid
 
 
@@ -46,10 +49,39 @@ def per_user_clip(update: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor,
     return update, norm
 
 
+def binomial_pmf(k: int, q: float) -> list[float]:
+    """[P(m) for m = 0..k], m ~ Binomial(k, q): how many of a user's k examples an ELS step samples."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (examples per user) must be an integer >= 1, got {k!r}")
+    return [math.comb(k, m) * q**m * (1.0 - q) ** (k - m) for m in range(k + 1)]
+
+
 class NoiseMechanism(abc.ABC):
     """One central-DP release of a sum of per-user updates clipped to `clip_norm`."""
 
     name: str = ""
+    #: the accountant a run uses when its configured one cannot account for this mechanism
+    default_accountant: str = "pld"
+    #: the `dp.<key>` config entry that gives this mechanism's noise outright (`from_spec`)
+    config_key: str = ""
+
+    @classmethod
+    def from_spec(cls, clip_norm: float, spec, dimension: int | None = None) -> "NoiseMechanism | None":
+        """The mechanism a config value gives outright; None when it is unset (calibrate instead)."""
+        raise NotImplementedError
+
+    def noise_label(self) -> str:
+        """A short description of the noise, for tables: 'sigma=0.62', 'LMO std/C=1.1'."""
+        return f"{self.name} std/C={self.noise_std() / self.clip_norm:.4g}"
+
+    def group_privacy_epsilon(self, k: int, q: float, steps: int, delta: float) -> float | None:
+        """ELS's classical alternative to its tight accountant (None: not available)."""
+        return None
+
+    @classmethod
+    def probe(cls, clip_norm: float) -> "NoiseMechanism":
+        """Some instance, to ask an accountant whether it supports this mechanism's releases."""
+        raise NotImplementedError
 
     def __init__(self, clip_norm: float):
         if not clip_norm > 0:
@@ -97,6 +129,23 @@ class NoiseMechanism(abc.ABC):
     def dp_event(self) -> dp_event.DpEvent:
         """One (unsampled) release of a sensitivity-C sum, for the accountants."""
 
+    def sampled_event(self, q: float) -> dp_event.DpEvent:
+        """One ULS round: the release over a Poisson(q) cohort of users."""
+        event = self.dp_event()
+        if isinstance(event, (dp_event.NonPrivateDpEvent, dp_event.NoOpDpEvent)):
+            return event
+        return dp_event.PoissonSampledDpEvent(q, event)
+
+    def mixture_event(self, k: int, q: float) -> dp_event.DpEvent:
+        """One ELS step for one user holding k examples, each Poisson(q)-sampled: the release
+        shifts by m C with m ~ Binomial(k, q)."""
+        raise UnsupportedEventError(f"no user-level ELS (mixture) accounting for {self.name} noise")
+
+    def run_event(self, q: float, steps: int, k: int | None = None) -> dp_event.DpEvent:
+        """`steps` ULS rounds (k None) or ELS steps (k examples per user) with sampling rate q."""
+        one = self.sampled_event(q) if k is None else self.mixture_event(k, q)
+        return dp_event.SelfComposedDpEvent(one, steps)
+
     def describe(self) -> dict:
         return {"mechanism": self.name, "clip_norm": self.clip_norm, "noise_std": self.noise_std()}
 
@@ -109,8 +158,49 @@ class GaussianMechanism(NoiseMechanism):
     def __init__(self, clip_norm: float, noise_multiplier: float):
         super().__init__(clip_norm)
         if noise_multiplier != 0:
-            check_noise_multiplier(noise_multiplier, "noise_multiplier")
+            check_positive(noise_multiplier, "noise_multiplier")
         self.noise_multiplier = float(noise_multiplier)
+
+    config_key = "noise_multiplier"
+
+    @classmethod
+    def probe(cls, clip_norm: float) -> "GaussianMechanism":
+        return cls(clip_norm, 1.0)
+
+    @classmethod
+    def from_spec(cls, clip_norm: float, spec, dimension: int | None = None) -> "GaussianMechanism | None":
+        return None if spec is None else cls(clip_norm, spec)
+
+    def noise_label(self) -> str:
+        return f"sigma={self.noise_multiplier:.4g}"
+
+    def group_privacy_epsilon(self, k: int, q: float, steps: int, delta: float) -> float | None:
+        """Group privacy over the example-level guarantee (`privacy/els_accounting.py`)."""
+        if self.noise_multiplier == 0:
+            return None
+        from fedsim.privacy.els_accounting import group_privacy_epsilon
+
+        return group_privacy_epsilon(self.noise_multiplier, k, q, steps, delta).epsilon
+
+    @classmethod
+    def calibrated(cls, clip_norm: float, *, target_epsilon: float, delta: float, q: float, steps: int,
+                   k: int | None = None, accountant: str = "pld", dimension: int | None = None, cache=None,
+                   **options) -> "GaussianMechanism":
+        """The least noise (to 0.1%, never less) whose `steps` releases meet (target_epsilon,
+        delta) under the named accountant: ULS rounds, or ELS steps when k is given (the k = 1
+        answer, times sqrt(k), seeds the slower mixture search). `dimension` does not matter
+        for Gaussian noise, and a calibration takes seconds: no `cache` is used."""
+        from fedsim.privacy.accounting import make_accountant
+        from fedsim.privacy.calibration import calibrate_noise
+
+        guess = None
+        if k is not None and k > 1:
+            guess = cls.calibrated(clip_norm, target_epsilon=target_epsilon, delta=delta, q=q, steps=steps,
+                                   accountant=accountant, **options).noise_multiplier * math.sqrt(k)
+        sigma = calibrate_noise(lambda s: cls(clip_norm, s).run_event(q, steps, k), target_epsilon, delta,
+                                lambda: make_accountant(accountant, **options), guess=guess,
+                                rtol=1e-3 if k is None else 5e-3)
+        return cls(clip_norm, sigma)
 
     def sample_noise(self, stream: RandomStream, n: int) -> torch.Tensor:
         return stream.normal(n).mul_(self.noise_multiplier * self.clip_norm)
@@ -122,6 +212,16 @@ class GaussianMechanism(NoiseMechanism):
         if self.noise_multiplier == 0:
             return dp_event.NonPrivateDpEvent()
         return dp_event.GaussianDpEvent(self.noise_multiplier)
+
+    def mixture_event(self, k: int, q: float) -> dp_event.DpEvent:
+        """The mixture of Gaussians N(m, sigma^2), m ~ Binomial(k, q) (Charles et al. 2024,
+        arXiv 2407.07737, Sec. 3; its PLD from Ganesh 2023, arXiv 2310.15526); with k = 1 the
+        Poisson-subsampled Gaussian."""
+        if self.noise_multiplier == 0:
+            return dp_event.NonPrivateDpEvent()
+        return dp_event.MixtureOfGaussiansDpEvent(
+            standard_deviation=self.noise_multiplier, sensitivities=[float(m) for m in range(k + 1)],
+            sampling_probs=binomial_pmf(k, q))
 
     def describe(self) -> dict:
         return {**super().describe(), "noise_multiplier": self.noise_multiplier}

@@ -47,14 +47,7 @@ from dp_accounting import dp_event
 from scipy import special
 
 from fedsim.compat import prv_accountant_internals
-from fedsim.errors import FedsimError
-from fedsim.privacy.accounting import (
-    Accountant,
-    UnsupportedEventError,
-    check_delta,
-    check_epsilon,
-    register_accountant,
-)
+from fedsim.privacy.accounting import NO_LOSS, NON_PRIVATE, ReleaseCounter, check_delta, check_positive
 
 
 @dataclass(frozen=True)
@@ -66,52 +59,6 @@ class PrvBounds:
     upper: float
     #: the eps_error actually used (larger than requested when the mesh had to be coarsened)
     eps_error: float = 0.0
-
-
-def _flatten(event: dp_event.DpEvent) -> tuple[dict[tuple[float, float], int], bool]:
-    """Counts of each (q, sigma) release in `event`, and whether a non-private release occurs.
-
-    Raises UnsupportedEventError naming the sub-event that is not a (subsampled) Gaussian.
-    """
-    counts: dict[tuple[float, float], int] = {}
-    non_private = False
-
-    def visit(ev: dp_event.DpEvent, mult: int) -> None:
-        nonlocal non_private
-        if isinstance(ev, dp_event.NoOpDpEvent) or mult == 0:
-            return
-        if isinstance(ev, dp_event.NonPrivateDpEvent):
-            non_private = True
-            return
-        if isinstance(ev, dp_event.ComposedDpEvent):
-            for sub in ev.events:
-                visit(sub, mult)
-            return
-        if isinstance(ev, dp_event.SelfComposedDpEvent):
-            visit(ev.event, mult * int(ev.count))
-            return
-        if isinstance(ev, dp_event.GaussianDpEvent):
-            _add(1.0, ev.noise_multiplier, mult)
-            return
-        if isinstance(ev, dp_event.PoissonSampledDpEvent):
-            inner, q = ev.event, float(ev.sampling_probability)
-            if q == 0.0 or isinstance(inner, dp_event.NoOpDpEvent):
-                return
-            if isinstance(inner, dp_event.GaussianDpEvent):
-                _add(q, inner.noise_multiplier, mult)
-                return
-        raise UnsupportedEventError(f"the prv accountant cannot account for {ev}")
-
-    def _add(q: float, sigma: float, mult: int) -> None:
-        nonlocal non_private
-        if sigma == 0:  # zero noise: releases the exact sum
-            non_private = True
-            return
-        key = (float(q), float(sigma))
-        counts[key] = counts.get(key, 0) + mult
-
-    visit(event, 1)
-    return counts, non_private
 
 
 class _PoissonSubsampledGaussianAdd:
@@ -219,7 +166,7 @@ def _compose(prvs, kinks, n: list[int], eps_error: float, delta_error: float):
     return lib.composers.Heterogeneous(dprvs).compute_composition(num_self_compositions=list(n))
 
 
-class PrvAccountant(Accountant):
+class PrvAccountant(ReleaseCounter):
     """Gopi et al. 2021 PRV accountant (``prv_accountant`` 0.2.0); reports the *upper* bound.
 
     Args:
@@ -250,17 +197,22 @@ class PrvAccountant(Accountant):
     ):
         if not (eps_error > 0 and 0 < delta_error_ratio < 1 and max_domain_points >= 1000):
             raise ValueError("eps_error must be > 0, delta_error_ratio in (0, 1), max_domain_points >= 1000")
+        super().__init__()
         self.eps_error = float(eps_error)
         self.delta_error_ratio = float(delta_error_ratio)
         self.both_directions = bool(both_directions)
         self.max_domain_points = int(max_domain_points)
 
-    def supports(self, event: dp_event.DpEvent) -> bool:
-        try:
-            _flatten(event)
-        except UnsupportedEventError:
-            return False
-        return True
+    def release_key(self, event: dp_event.DpEvent):
+        """(q, sigma) of a (Poisson-subsampled) Gaussian release; q = 1 for the plain Gaussian."""
+        q = 1.0
+        if isinstance(event, dp_event.PoissonSampledDpEvent):
+            q, event = float(event.sampling_probability), event.event
+            if q == 0.0 or isinstance(event, dp_event.NoOpDpEvent):
+                return NO_LOSS
+        if not isinstance(event, dp_event.GaussianDpEvent):
+            return None
+        return NON_PRIVATE if event.noise_multiplier == 0 else (q, float(event.noise_multiplier))
 
     # -- composition -------------------------------------------------------------------
     def _fit_eps_error(self, prvs, n: list[int], delta_error: float) -> float:
@@ -299,11 +251,12 @@ class PrvAccountant(Accountant):
                 out.append((_compose(prvs, kinks, n, eps_error, delta_error), eps_error))
         return out
 
-    def epsilon_bounds(self, event: dp_event.DpEvent, delta: float) -> PrvBounds:
-        """(lower, estimate, upper) epsilon at `delta`; the worse direction for each entry."""
+    def epsilon_bounds(self, delta: float) -> PrvBounds:
+        """(lower, estimate, upper) epsilon at `delta` of what was composed; the worse direction
+        for each entry."""
         check_delta(delta)
-        counts, non_private = _flatten(event)
-        if non_private:
+        counts = self.counts
+        if self.non_private:
             return PrvBounds(math.inf, math.inf, math.inf)
         if not counts:
             return PrvBounds(0.0, 0.0, 0.0)
@@ -316,23 +269,22 @@ class PrvAccountant(Accountant):
                 try:
                     l_, e_, u_ = f_n.compute_epsilon(delta, delta_error, eps_error)
                 except (ValueError, RuntimeError) as exc:  # e.g. delta below float resolution
-                    raise FedsimError(f"the prv accountant cannot resolve delta={delta:g}: {exc}") from None
+                    raise ValueError(f"the prv accountant cannot resolve delta={delta:g}: {exc}") from None
             lo, est, up, used = max(lo, l_), max(est, e_), max(up, u_), max(used, eps_error)
         # epsilon is >= 0 by definition; the estimate can dip below 0 for nearly
         # private-for-free events (tiny q, huge sigma).
         return PrvBounds(max(lo, 0.0), max(est, 0.0), max(up, 0.0), used)
 
-    def epsilon(self, event: dp_event.DpEvent, delta: float) -> float:
+    def _epsilon(self, delta: float) -> float:
         """Upper bound on epsilon at `delta` (the library's ``eps_upper``)."""
-        self._require(event)
-        return float(self.epsilon_bounds(event, delta).upper)
+        return float(self.epsilon_bounds(delta).upper)
 
-    def delta_bounds(self, event: dp_event.DpEvent, epsilon: float, delta_error: float = 1e-12) -> PrvBounds:
+    def delta_bounds(self, epsilon: float, delta_error: float = 1e-12) -> PrvBounds:
         """(lower, estimate, upper) delta at `epsilon`; `delta_error` is absolute here."""
         if epsilon != 0:
-            check_epsilon(epsilon)
-        counts, non_private = _flatten(event)
-        if non_private:
+            check_positive(epsilon, "epsilon")
+        counts = self.counts
+        if self.non_private:
             return PrvBounds(1.0, 1.0, 1.0)
         if not counts:
             return PrvBounds(0.0, 0.0, 0.0)
@@ -348,10 +300,6 @@ class PrvAccountant(Accountant):
         clip = lambda v: min(max(v, 0.0), 1.0)  # noqa: E731
         return PrvBounds(clip(lo), clip(est), clip(up), used)
 
-    def delta(self, event: dp_event.DpEvent, epsilon: float) -> float:
+    def _delta(self, epsilon: float) -> float:
         """Upper bound on delta at `epsilon`."""
-        self._require(event)
-        return float(self.delta_bounds(event, epsilon).upper)
-
-
-register_accountant("prv", PrvAccountant)
+        return float(self.delta_bounds(epsilon).upper)

@@ -1,13 +1,14 @@
 """One DP release, as named steps: guard -> record -> noise -> scale.
 
-ULS (`strategies/dp_fedavg.py`) releases a round's sum of per-user clipped deltas; ELS
-(`fedsim/els.py`) a step's sum of per-example clipped gradients. Both call the same unit
+The training loop (`fedsim/loop.py`) calls it for both methods: ULS releases a round's sum
+of per-user clipped deltas, ELS a step's sum of per-example clipped gradients
 (docs/architecture.md, "One ULS round" steps 1 and 6, "One ELS step" steps 1 and 4):
 
   guard   the budget guard: the ledger plus this release must fit (ε, δ), else
           BudgetExceededError and the run stops (`PrivacyBudget.check`);
   record  the event is appended to the ledger and fsync'ed *before* the noise exists, so a
-          crash after this point never forgets a release;
+          crash after this point never forgets a release; the budget's live accountant
+          counts it;
   noise   the mechanism adds its noise, drawn from the secret keystream
           (`SecretRandomness.stream(<purpose>-noise, step)`), to the sum, in place;
   scale   the noisy sum is divided by the public denominator (expected cohort or batch),
@@ -26,6 +27,7 @@ import torch
 from dp_accounting import dp_event
 
 from fedsim.privacy.budget import PrivacyBudget
+from fedsim.privacy.ledger import PrivacyLedger
 from fedsim.privacy.mechanisms import NoiseMechanism
 from fedsim.privacy.randomness import SecretRandomness
 
@@ -34,20 +36,16 @@ class Release:
     """The release of one method: `guard(step)` before the work of a step, `release(step, sum)`
     after it."""
 
-    def __init__(self, *, mechanism: NoiseMechanism, event: dp_event.DpEvent, budget: PrivacyBudget,
-                 randomness: SecretRandomness, purpose: str, denominator: float, resumed: bool = False,
-                 after_record: Callable[[int], None] | None = None):
+    def __init__(self, *, mechanism: NoiseMechanism, event: dp_event.DpEvent, ledger: PrivacyLedger,
+                 budget: PrivacyBudget, randomness: SecretRandomness, purpose: str, denominator: float,
+                 resumed: bool = False, after_record: Callable[[int], None] | None = None):
         if not denominator > 0:
             raise ValueError(f"the release's denominator must be positive, got {denominator!r}")
-        self.mechanism, self.event, self.budget = mechanism, event, budget
+        self.mechanism, self.event, self.ledger, self.budget = mechanism, event, ledger, budget
         self.randomness, self.purpose, self.denominator = randomness, purpose, float(denominator)
         # only a reproducible resume replays identical releases (the same key re-draws them)
         self.replay_identical = bool(resumed) and randomness.reproducible
         self.after_record = after_record  # fault injection: the worst moment to die
-
-    @property
-    def ledger(self):
-        return self.budget.ledger
 
     def guard(self, step: int) -> float:
         """Epsilon spent once this step's release is made; raises BudgetExceededError if it
@@ -58,7 +56,8 @@ class Release:
 
     def release(self, step: int, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Record, noise `total` in place, scale; returns (noisy sum / denominator, released metrics)."""
-        self.ledger.record(step, self.event, replay_identical=self.replay_identical)
+        if self.ledger.record(step, self.event, replay_identical=self.replay_identical):
+            self.budget.compose(self.event)
         if self.after_record is not None:
             self.after_record(step)
         noisy, released = self.mechanism.add_noise(total, self.randomness.stream(f"{self.purpose}-noise", step))

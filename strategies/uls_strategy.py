@@ -1,41 +1,32 @@
-"""DP-FedAvg with user-level sampling (ULS) as a Flower message-API strategy.
+"""ULS (user-level sampling, the clipped-sum side of DP-FedAvg) as a Flower message-API strategy:
+the training loop's method adaptor for ULS (`fedsim/loop.py`).
 
-One round (docs/architecture.md, "One ULS round"):
-1. `configure_train`: the budget guard checks that one more release fits; a Poisson(q)
-   cohort of users is drawn from the secret randomness source
+One round's clipped sum (docs/architecture.md, "One ULS round"):
+1. `configure_train`: a Poisson(q) cohort of users is drawn from the secret randomness source
    (`fedsim/privacy/randomness.py`); its users are sent, with the current trainable weights,
    to Flower nodes (one user per node, or lists of users to cohort workers).
 2. Clients reply with the *sum of individually clipped deltas* and a user count.
-3. `aggregate_train`: replies that failed, are non-finite, mis-shaped or exceed the
-   norm their count allows are dropped (counted in metrics); the release is written to
-   the ledger *before* noise is drawn; noise from the mechanism (secret keystream) is added
-   to the sum;
-   the result is divided by the *expected* cohort size qN (a fixed denominator keeps the
-   sensitivity C/(qN)); the server optimizer steps.
-
-What the server sees: clipped per-user deltas (central DP, trusted server).
+3. `aggregate_train`: replies that failed, are non-finite, mis-shaped or exceed the norm
+   their count allows are dropped (counted); the rest are summed.
+The loop then guards, records, noises and divides by the expected cohort (`privacy/release.py`)
+and the server optimizer steps. What the server sees: clipped per-user deltas (central DP,
+trusted server).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Iterable
 
 import numpy as np
 import torch
-from dp_accounting import dp_event
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.privacy.budget import PrivacyBudget
-from fedsim.privacy.mechanisms import NoiseMechanism
 from fedsim.privacy.randomness import SecretRandomness
-from fedsim.privacy.release import Release, kill_after_recording
 from fedsim.sampling import PoissonSampler
-from fedsim.training.server_opt import ServerOptimizer
 
 log = logging.getLogger("fedsim")
 
@@ -65,51 +56,45 @@ def assign_users_to_nodes(cohort: np.ndarray, node_ids: list[int], users_per_cli
     return [(node_ids[b % len(node_ids)], b, g) for b, g in sorted(groups.items())]
 
 
-class DPFedAvg(Strategy):
-    def __init__(
-        self,
-        *,
-        num_users: int,
-        sampling_rate: float,
-        mechanism: NoiseMechanism,
-        server_optimizer: ServerOptimizer,
-        budget: PrivacyBudget,
-        randomness: SecretRandomness,
-        users_per_client: int = 1,
-        expected_cohort: float | None = None,
-        replay_identical: bool = False,
-        crash_after_record_round: int | None = None,
-    ):
+class UlsStrategy(Strategy):
+    name, key, sign = "ULS", "round", 1.0  # the sum is of model deltas
+
+    def __init__(self, *, num_users: int, dimension: int, sampling_rate: float, clip_norm: float,
+                 randomness: SecretRandomness,
+                 users_per_client: int = 1, expected_cohort: float | None = None, grid: Grid | None = None,
+                 timeout: float | None = None, optimizer: tuple[str, float, float] = ("sgd", 1.0, 0.9)):
         if not 0 < sampling_rate <= 1:
             raise ValueError("The sampling rate should be in (0, 1].")
-        self.num_users, self.q = num_users, sampling_rate
-        # the public denominator: uls.expected_cohort (= qN unless q is set directly)
+        self.num_users, self.dimension, self.q, self.clip_norm = num_users, dimension, sampling_rate, clip_norm
+        # messages group users by id into about expected_cohort / users_per_client buckets
         self.expected_cohort = expected_cohort if expected_cohort is not None else sampling_rate * num_users
-        self.mechanism, self.server_opt, self.budget = mechanism, server_optimizer, budget
-        # the cohort and (in `self.release`) the noise: both from the one secret source
-        self.sampler = PoissonSampler(num_users, sampling_rate, randomness, "uls-cohort")
-        self.users_per_client = users_per_client
-        self.round_event = dp_event.PoissonSampledDpEvent(sampling_rate, mechanism.dp_event())
-        # guard -> record -> noise -> scale (fedsim/privacy/release.py); `replay_identical`: this
-        # run was resumed (a re-done round is an identical release only in reproducible mode)
-        self.release = Release(mechanism=mechanism, event=self.round_event, budget=budget, randomness=randomness,
-                               purpose="uls", denominator=self.expected_cohort, resumed=replay_identical,
-                               after_record=kill_after_recording(crash_after_record_round))
+        self.sampler = PoissonSampler(num_users, sampling_rate, randomness, "uls-cohort")  # the secret cohort
+        self.users_per_client, self.grid, self.timeout, self.optimizer = users_per_client, grid, timeout, optimizer
         self._round: dict = {}
 
-    def summary(self) -> None:
-        log.info("DPFedAvg (ULS): users=%d q=%.5g expected cohort=%.1f mechanism=%s users/client=%d",
-                 self.num_users, self.q, self.expected_cohort, self.mechanism.describe(), self.users_per_client)
+    def summary(self, ledger=None, plan=None, steps: int = 0) -> dict:
+        """summary.json's ULS fields: the trust model, and the ledger's epsilon under every other
+        accountant that supports it (bounds only; the run's own accountant is the one reported)."""
+        from fedsim.account import epsilon_by_accountant
+
+        others = epsilon_by_accountant(ledger, plan.delta) if ledger is not None else {}
+        return {"trust_model": "central DP: a trusted server sees per-user clipped deltas", "epsilon_by_accountant": others}
+
+    def clipped_sum(self, step: int, weights: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
+        """Sample, send the weights to the cohort's nodes, sum the valid replies."""
+        messages = self.configure_train(step, ArrayRecord({"w": Array(weights.cpu().numpy())}), ConfigRecord(),
+                                        self.grid)
+        arrays, metrics = self.aggregate_train(step, self.grid.send_and_receive(messages, timeout=self.timeout))
+        diagnostics = dict(metrics)
+        return torch.from_numpy(arrays["delta-sum"].numpy().copy()), diagnostics, int(diagnostics["examples"])
 
     # -- training ------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        eps_after = self.release.guard(server_round)  # raises BudgetExceededError: never overspend
         cohort = self.sampler.sample(server_round)
         node_ids = sorted(grid.get_node_ids())
         buckets = math.ceil(self.expected_cohort / self.users_per_client)
         groups = assign_users_to_nodes(cohort, node_ids, self.users_per_client, buckets)
-        self._round = {"round": server_round, "cohort": len(cohort), "eps_after": eps_after, "t0": time.time(),
-                       "messages": len(groups)}
+        self._round = {"cohort": len(cohort), "messages": len(groups)}
         messages = []
         for node_id, key, users in groups:
             cfg = ConfigRecord({**dict(config), "server-round": server_round, "user-ids": users, "message-key": key})
@@ -133,13 +118,12 @@ class DPFedAvg(Strategy):
             return None, met, "non-finite values"
         n = int(met.get("num-users", 0))
         # a sum of n clipped deltas has norm <= n*C: anything larger was not clipped
-        if float(vec.double().pow(2).sum().sqrt()) > n * self.mechanism.clip_norm * (1 + 1e-4) + 1e-6:  # float64: f32 norms read low
+        if float(vec.double().pow(2).sum().sqrt()) > n * self.clip_norm * (1 + 1e-4) + 1e-6:  # float64: f32 norms read low
             return None, met, f"norm exceeds {n} x clip norm"
         return vec, met, ""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        weights = self.server_opt.weights
-        d = weights.numel()
+        d = int(self.dimension)
         total = torch.zeros(d, dtype=torch.float32)
         users = examples = clipped = failed_users = 0
         replies = list(replies)
@@ -160,22 +144,12 @@ class DPFedAvg(Strategy):
             loss_sum += float(met.get("loss-sum", 0.0))
             clipped += int(met.get("num-clipped", 0))
             failed_users += int(met.get("num-failed", 0))
-        signal_norm = float(torch.linalg.vector_norm(total))  # a diagnostic: the unnoised sum
-        # record (before the noise exists), noise, divide by the expected cohort; then the server step
-        avg, noise_metrics = self.release.release(server_round, total)
-        new = self.server_opt.step(avg)
-        metrics = {
-            # released (covered by the guarantee): public plan values and the noisy update
-            "round": server_round, "epsilon": self._round.get("eps_after", float("nan")), "q": self.q,
-            "expected_cohort": self.expected_cohort, "update_norm": float(torch.linalg.vector_norm(avg)),
-            **noise_metrics,
-            # simulation diagnostics (computed from unnoised user data; diagnostics.jsonl)
+        metrics = {  # simulation diagnostics (computed from unnoised user data; diagnostics.jsonl)
             "cohort": self._round.get("cohort", users), "users": users, "examples": examples,
             "train_loss": loss_sum / max(users, 1), "clipped_frac": clipped / max(users, 1),
             "dropped_replies": dropped, "missing_replies": missing, "failed_users": failed_users,
-            "messages": self._round.get("messages", 0), "signal_norm": signal_norm,
-        }
-        return ArrayRecord({"w": Array(new.numpy().astype(np.float32))}), MetricRecord(metrics)
+            "messages": self._round.get("messages", 0)}
+        return ArrayRecord({"delta-sum": Array(total.numpy())}), MetricRecord(metrics)
 
     # -- evaluation happens centrally on the server (evaluate_fn); no federated eval --
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

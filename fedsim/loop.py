@@ -1,0 +1,209 @@
+"""One training loop for ULS and ELS, and the one way to run or resume either.
+
+    plan (once) -> for each round/step:
+        guard     the budget: the ledger plus this release must fit (else stop)
+        sum       the method's clipped sum: ULS sends the cohort to Flower nodes and sums the
+                  replies (`strategies/uls_strategy.py`), ELS sums per-example clipped
+                  gradients (`fedsim/els.py`)
+        release   record, noise, divide by the public denominator (`privacy/release.py`)
+        step      the server optimizer on the noisy mean (a pseudo-gradient)
+        write     released values to metrics.jsonl, the rest to diagnostics.jsonl; eval; checkpoint
+
+A method is an adaptor with `clipped_sum(step, weights) -> (sum, diagnostics, examples)`;
+everything else -- budget, noise, optimizer, evaluation, checkpoints, resume, the summary --
+is written here once (docs/architecture.md, "One ULS round", "One ELS step").
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from fedsim.errors import BudgetExceededError, FedsimError
+
+
+class Method(Protocol):
+    name: str  # "ULS" or "ELS"
+    key: str  # the metrics rows' step key: "round" or "step"
+    sign: float  # +1: the sum is of model deltas (ULS); -1: of gradients (ELS)
+    optimizer: tuple[str, float, float]  # server optimizer family, lr, momentum
+
+    def clipped_sum(self, step: int, weights: torch.Tensor) -> tuple[torch.Tensor, dict, int]: ...
+
+    def summary(self, ledger, plan, steps: int) -> dict: ...
+
+
+def train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, say=print, resume: bool = False,
+          eval_every: int | None = None) -> dict:
+    """Run `plan` with `method` in `run_dir` (continuing its checkpoint when `resume`); returns the summary."""
+    from fedsim.checkpoint import checkpoint_if_due, load_checkpoint
+    from fedsim.privacy.budget import PrivacyBudget
+    from fedsim.privacy.ledger import PrivacyLedger
+    from fedsim.privacy.release import Release, kill_after_recording
+    from fedsim.progress import RoundProgress
+    from fedsim.rundir import RunWriter, read_diagnostics, split_metrics_for_resume
+    from fedsim.training.server_opt import ServerOptimizer
+
+    t_start = time.time()
+    writer = RunWriter(run_dir)
+    ckpt = load_checkpoint(run_dir) if resume else None
+    eval_every = (ckpt or {}).get("eval_every") or eval_every or cfg.run.eval_every
+    # the ledger is the durable record; the budget's live accountant is rebuilt from it once
+    ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
+    budget = PrivacyBudget(plan.make_accountant, plan.delta, plan.target_epsilon, ledger.events())
+    release = Release(mechanism=plan.mechanism, event=plan.event, ledger=ledger, budget=budget, randomness=randomness,
+                      purpose=method.name.lower(), denominator=plan.denominator, resumed=ckpt is not None,
+                      after_record=kill_after_recording(None if ckpt else cfg.simulation.faults.server_crash_round))
+    start, compute = 1, 0
+    if ckpt is not None:  # weights, optimizer, public RNG; no secret state exists to restore
+        task.flat.set(ckpt["weights"])
+        start, compute = ckpt["step"] + 1, int(ckpt.get("compute", 0))
+        if "torch" in ckpt["rng_states"]:  # torch's global RNG: dropout on the server's model (ELS)
+            torch.set_rng_state(ckpt["rng_states"]["torch"])
+        split_metrics_for_resume(run_dir, ckpt["step"], key=method.key)
+        first = read_diagnostics(run_dir)[0]
+        before = {"loss": first["eval_loss"], "perplexity": first["eval_perplexity"]}
+        say(f"resuming after {method.key} {ckpt['step']} ({len(ledger)} releases in the ledger)")
+    else:
+        before = task.evaluate(evalset)
+        writer.append_metrics({method.key: 0, "compute": 0, "eval_loss": before["loss"],
+                               "eval_perplexity": before["perplexity"], "epsilon": 0.0})
+    opt = ServerOptimizer(task.flat.get(), *method.optimizer)
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer_state"])
+    stop_reason, done, after = f"completed planned {method.key}s", start - 1, before
+    with RoundProgress(plan.steps, label=f"{method.name} {method.key}s", enabled=not cfg.simulation.verbose) as bar:
+        for step in range(start, plan.steps + 1):
+            t0 = time.time()
+            try:
+                eps = release.guard(step)  # never start a release that would overspend
+            except BudgetExceededError as exc:
+                stop_reason = str(exc)
+                say(f"stopping: {exc}")
+                break
+            total, diagnostics, examples = method.clipped_sum(step, opt.weights)
+            signal_norm = float(torch.linalg.vector_norm(total))  # a diagnostic: the unnoised sum
+            noisy_mean, noise_metrics = release.release(step, total)
+            update = noisy_mean.mul_(method.sign).to(opt.weights.device)
+            task.flat.set(opt.step(update))
+            compute += examples
+            row = {  # released (covered by the guarantee): public plan values and the noisy update
+                method.key: step, "epsilon": eps, "q": plan.q, plan.denominator_name: plan.denominator,
+                "update_norm": float(torch.linalg.vector_norm(update)), **noise_metrics,
+                # simulation diagnostics (from unnoised user data): diagnostics.jsonl
+                **diagnostics, "compute": compute, "signal_norm": signal_norm}
+            if step % eval_every == 0 or step == plan.steps:
+                after = task.evaluate(evalset)
+                row.update(eval_loss=after["loss"], eval_perplexity=after["perplexity"])
+            row["time"] = time.time() - t0
+            writer.append_metrics(row)
+            done = step
+            checkpoint_if_due(cfg, run_dir, step, weights=task.flat.get(), optimizer_state=opt.state_dict(),
+                              extra={"method": method.name, "compute": compute, "eval_every": eval_every},
+                              rng_states={"torch": torch.get_rng_state()})
+            bar.update(step, eps, row.get("eval_loss"))
+    if done and (done != plan.steps or after is before):
+        after = task.evaluate(evalset)
+    writer.save_weights(task.flat.state_dict(), metadata={"format": "fedsim trainable weights", "steps": str(done)})
+    wall = time.time() - t_start
+    summary = {
+        **plan.describe(), "steps": done, "stop_reason": stop_reason, "epsilon": budget.spent(),
+        "noise_source": randomness.source, "randomness": randomness.describe(),
+        "eval_loss_before": before["loss"], "eval_perplexity_before": before["perplexity"],
+        "eval_loss_after": after["loss"], "eval_perplexity_after": after["perplexity"],
+        "compute_examples": compute, "trainable_weights": task.flat.numel, "wall_time_s": wall,
+        "time_per_step_s": wall / max(done, 1), **method.summary(ledger, plan, done)}
+    writer.write_json("summary.json", summary)
+    return summary
+
+
+# -- running and resuming ---------------------------------------------------------------------------
+
+
+def prepare(cfg, method: str, say=print, plan=None, resume_dir: Path | None = None):
+    """(store, task, plan): every input is checked, the model built and the plan made before any
+    file is written or process started."""
+    from fedsim.data import build_store
+    from fedsim.models import build_task
+    from fedsim.models.causal_lm import check_model_source
+    from fedsim.simulate import check_devices
+
+    store = build_store(cfg.data)
+    check_model_source(cfg)
+    check_devices(cfg)
+    if resume_dir is not None:
+        from fedsim.checkpoint import load_checkpoint
+
+        load_checkpoint(resume_dir)  # a missing or corrupt checkpoint fails here
+    task = build_task(cfg, store, log=say)
+    if plan is None:
+        from fedsim.plan import plan_els, plan_uls
+
+        plan = plan_uls(cfg, store.num_users, task.flat.numel) if method == "ULS" else plan_els(cfg, store)
+    for w in plan.warnings:
+        say(f"warning: {w}")
+    return store, task, plan
+
+
+def run(cfg, method: str = "ULS", say=print, *, plan=None, run_dir: Path | None = None, resume: bool = False,
+        eval_every: int | None = None) -> tuple[Path, dict]:
+    """Run ULS (Flower) or ELS (centralized) for the config; returns (run directory, summary).
+    `resume=True` continues `run_dir` from its last checkpoint (its ledger is never reset)."""
+    from fedsim.data import eval_examples
+    from fedsim.privacy.randomness import SecretRandomness
+    from fedsim.rundir import create_run_dir
+
+    method = method.upper()
+    # One intra-op thread unless asked: the tiny per-user batches gain nothing from more, and
+    # OpenMP threads spinning beside Ray actors (which Ray pins to 1 thread) slowed rounds ~50x.
+    torch.set_num_threads(cfg.run.threads or 1)
+    store, task, plan = prepare(cfg, method, say, plan, run_dir if resume else None)
+    run_dir = Path(run_dir) if run_dir is not None else create_run_dir(cfg)
+    say(f"run directory: {run_dir}")
+    evalset = eval_examples(store, cfg.run.eval_examples, cfg.run.seed)
+    # every secret draw (sample, noise) of this process: a fresh OS-entropy key unless reproducible
+    randomness = SecretRandomness.for_run(cfg.dp.reproducible, cfg.run.seed)
+    say(f"{method}: {plan.num_users} users, q={plan.q:.4g}, {plan.denominator_name.replace('_', ' ')}"
+        f" {plan.denominator:g}, {plan.steps} {'rounds' if method == 'ULS' else 'steps'},"
+        f" {task.flat.numel:,} trainable weights, {plan.mechanism.name} noise {plan.mechanism.noise_label()},"
+        f" clip {plan.mechanism.clip_norm:g}, target epsilon={plan.target_epsilon},"
+        f" delta={plan.delta:.3g} ({plan.accountant})")
+    if method == "ULS":
+        from fedsim.simulate import run_flower
+
+        summary = run_flower(cfg, plan, task, evalset, run_dir, randomness, say, resume)
+    else:
+        from fedsim.els import ElsMethod
+
+        els = ElsMethod(cfg, plan, store, task, randomness)
+        try:
+            summary = train(cfg, plan, task, evalset, els, run_dir, randomness, say, resume, eval_every or cfg.els.eval_every)
+        finally:
+            els.close()
+    return run_dir, summary
+
+
+def resume(run_dir: str | Path, say=print) -> tuple[Path, dict]:
+    """Continue a ULS or ELS run from its last checkpoint, with the config it was started with."""
+    from fedsim.checkpoint import checkpoint_method
+    from fedsim.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FedsimError(f"{run_dir} is not a fedsim run directory (no config.yaml)")
+    if (run_dir / "summary.json").is_file():
+        raise FedsimError(f"{run_dir} already finished (summary.json exists); nothing to resume")
+    return run(load_config(run_dir / "config.yaml"), checkpoint_method(run_dir), say, run_dir=run_dir, resume=True)
+
+
+def run_uls(cfg, say=print, **options) -> tuple[Path, dict]:
+    """`run(cfg, "ULS", ...)`: DP-FedAvg on Flower."""
+    return run(cfg, "ULS", say, **options)
+
+
+def run_els(cfg, say=print, **options) -> tuple[Path, dict]:
+    """`run(cfg, "ELS", ...)`: the centralized ELS baseline."""
+    return run(cfg, "ELS", say, **options)

@@ -1,0 +1,299 @@
+"""The plan of a run: everything its privacy rests on, computed once, before anything is
+written or trained, and passed down frozen (docs/architecture.md, "The plan").
+
+ULS (`plan_uls`): q = expected_cohort / N (or `uls.sampling_rate`), one Poisson-sampled
+release per round. ELS (`plan_els`): each user keeps at most k examples, q = expected_batch /
+M over the M kept examples (or `els.sampling_rate`), one Binomial(k, q) mixture release per
+step. Both: delta, the mechanism (calibrated to dp.epsilon under the run's accountant, or
+given), the accountant (dp.accountant when it can account for the release; a mechanism's own
+when dp.accountant was left at its default; otherwise refused), the planned epsilon and the
+public denominator (expected cohort or batch). `plan_compute` is the matched-compute
+arithmetic of `fedsim compare`. The config is never written back: the plan is the record.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from dp_accounting import dp_event
+
+from fedsim.errors import ConfigError
+from fedsim.privacy.accounting import accountant_names, epsilon, make_accountant
+from fedsim.privacy.mechanisms import NoiseMechanism
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: str  # "ULS" or "ELS"
+    num_users: int
+    q: float  # user (ULS) or example (ELS) sampling rate
+    delta: float
+    steps: int  # planned rounds (ULS) or steps (ELS)
+    mechanism: NoiseMechanism
+    accountant: str  # reports epsilon and guards the budget
+    accountant_options: dict
+    target_epsilon: float | None  # None: non-private
+    planned_epsilon: float  # epsilon after all planned releases under the accountant
+    denominator: float  # the public divisor of the noisy sum: expected cohort (ULS) or batch (ELS)
+    warnings: tuple[str, ...] = ()
+    k: int | None = None  # ELS: examples kept per user
+    example_user: np.ndarray | None = field(default=None, repr=False)  # ELS: owner of each kept example
+    example_index: np.ndarray | None = field(default=None, repr=False)  # ELS: its index among the owner's
+    group_epsilon: float | None = None  # ELS: the group-privacy bound at the same sigma and delta
+
+    @property
+    def event(self) -> dp_event.DpEvent:
+        """One release (a round or a step) as the accountants see it."""
+        return self.mechanism.sampled_event(self.q) if self.k is None else self.mechanism.mixture_event(self.k, self.q)
+
+    @property
+    def denominator_name(self) -> str:
+        return "expected_cohort" if self.k is None else "expected_batch"
+
+    def make_accountant(self):
+        return make_accountant(self.accountant, **self.accountant_options)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.example_user.size) if self.example_user is not None else 0
+
+    def texts(self, store, idx: np.ndarray) -> list:
+        return [store.train_examples(int(self.example_user[i]))[int(self.example_index[i])] for i in idx]
+
+    def describe(self) -> dict:
+        """The plan's fields of summary.json (what `fedsim account RUN_DIR` needs included)."""
+        out = {"method": self.method, "num_users": self.num_users, "q": self.q, "delta": self.delta,
+               "planned_steps": self.steps, "target_epsilon": self.target_epsilon,
+               "planned_epsilon": self.planned_epsilon, "accountant": self.accountant,
+               "accountant_options": dict(self.accountant_options), "mechanism": self.mechanism.describe(),
+               "noise": self.mechanism.noise_label(),
+               "noise_multiplier": self.mechanism.describe().get("noise_multiplier"),
+               self.denominator_name: self.denominator,
+               "warnings": list(self.warnings)}
+        if self.k is not None:
+            out.update(k=self.k, num_examples=self.num_examples, group_privacy_epsilon=self.group_epsilon)
+        return out
+
+
+# -- delta and sampling rates ----------------------------------------------------------------------
+
+
+def default_delta(num_users: int) -> float:
+    """min(1e-5, 1 / N^1.1): below 1/N, the usual requirement for a meaningful user-level delta."""
+    return min(1e-5, 1.0 / num_users**1.1)
+
+
+def resolve_delta(cfg, num_users: int) -> tuple[float, list[str]]:
+    if cfg.dp.delta is None and (cfg.uls.sampling_rate is not None or cfg.els.sampling_rate is not None):
+        # the default delta is a function of N: it would put the population size back into the output
+        raise ConfigError("uls.sampling_rate / els.sampling_rate keep N out of the mechanism: set dp.delta"
+                          " explicitly too (the default min(1e-5, 1/N^1.1) depends on N)")
+    delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(num_users)
+    warnings = []
+    if delta >= 1.0 / num_users:
+        warnings.append(f"dp.delta={delta:g} >= 1/users={1.0 / num_users:g}: a mechanism may then leak one user's data outright")
+    return delta, warnings
+
+
+def sampling_rate(cfg, num_users: int) -> float:
+    """ULS q: `uls.sampling_rate` if set, else expected_cohort / N (N is then treated as public)."""
+    if cfg.uls.sampling_rate is not None:
+        return cfg.uls.sampling_rate
+    q = cfg.uls.expected_cohort / num_users
+    if q > 1:
+        raise ConfigError(f"uls.expected_cohort={cfg.uls.expected_cohort:g} is larger than the {num_users} users (q={q:.3g} > 1)")
+    return q
+
+
+def example_sampling_rate(expected_batch: float, num_examples: int, k: int) -> float:
+    if num_examples < 1:
+        raise ConfigError("ELS has no training examples to sample from")
+    q = expected_batch / num_examples
+    if q > 1:
+        raise ConfigError(f"els.expected_batch={expected_batch:g} is larger than the data: {num_examples} examples are"
+                          f" kept with els.k={k} (q={q:.3g} > 1); lower els.expected_batch or raise els.k")
+    return q
+
+
+def kept_examples(counts, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(user, index) of every kept example: at most k per user, a uniform seeded choice (public
+    randomness, run.seed). Vectorised over users: every training example draws a key and each
+    user keeps its k smallest, so the cost is a sort of the examples, never a loop over users."""
+    counts = np.asarray(counts, dtype=np.int64)
+    users = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    index = np.arange(users.size, dtype=np.int64) - starts
+    keys = np.random.default_rng([int(seed), 17]).random(users.size)
+    order = np.lexsort((keys, users))  # by user, then key; users[order] == users
+    keep = order[index < k]  # the position within the user's block in the sorted order
+    keep.sort()  # back to (user, index) order
+    return users[keep], index[keep]
+
+
+# -- the mechanism and its accountant ----------------------------------------------------------------
+
+
+#: dp.mechanism -> (module, class): imported when a run names it
+MECHANISMS = {"gaussian": ("fedsim.privacy.mechanisms", "GaussianMechanism"),
+              "lmo": ("fedsim.privacy.lmo", "LmoMechanism")}
+
+
+def mechanism_class(name: str) -> type[NoiseMechanism]:
+    import importlib
+
+    module, cls = MECHANISMS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def _options_for(accountant: str, options: dict) -> dict:
+    """The options the named accountant's factory takes (e.g. ELS's PLD interval for pld and edgeworth)."""
+    import inspect
+
+    from fedsim.privacy.accounting import accountant_factory
+
+    params = inspect.signature(accountant_factory(accountant)).parameters
+    return {k: v for k, v in options.items() if k in params}
+
+
+def _choose_accountant(cfg, cls: type[NoiseMechanism], probe: dp_event.DpEvent, options: dict,
+                       warnings: list[str], what: str) -> tuple[str, dict]:
+    """dp.accountant if it can account for the run's release; the mechanism's own accountant if
+    dp.accountant was left at its default; else a one-line error naming the ones that can."""
+    name = cfg.dp.accountant
+    opts = _options_for(name, options)
+    if make_accountant(name, **opts).supports(probe):
+        return name, opts
+    fallback = cls.default_accountant
+    if "accountant" not in cfg.dp.model_fields_set and make_accountant(fallback).supports(probe):
+        warnings.append(f"dp.accountant={name} cannot account for {what}; using {fallback}")
+        return fallback, {}
+    able = [n for n in accountant_names() if make_accountant(n).supports(probe)]
+    raise ConfigError(f"dp.accountant={name} cannot account for {what}; use one of {able}")
+
+
+def _mechanism_for(cfg, *, clip: float, q: float, steps: int, delta: float, k: int | None,
+                   dimension: int | None, options: dict, warnings: list[str]):
+    """(mechanism, accountant, options, planned epsilon, target epsilon)."""
+    dp = cfg.dp
+    what = (f"{dp.mechanism} noise with Poisson user sampling" if k is None
+            else f"the ELS mixture of {dp.mechanism} noise over Binomial(k={k}, q)")
+    cls = mechanism_class(dp.mechanism)
+    errors = (ValueError, TypeError, KeyError, OSError)
+    try:
+        mech = cls.from_spec(clip, getattr(dp, cls.config_key), dimension)
+    except errors as exc:
+        raise ConfigError(f"dp.{cls.config_key}: {exc}") from None
+    if mech is not None and mech.noise_std() == 0:  # dp.noise_multiplier=0: a non-private reference
+        return mech, dp.accountant, _options_for(dp.accountant, options), math.inf, None
+    try:
+        accountant, opts = _choose_accountant(cfg, cls, (mech or cls.probe(clip)).run_event(q, 1, k), options,
+                                              warnings, what)
+        if mech is None:
+            if dp.epsilon is None:
+                raise ConfigError(f"set dp.epsilon (a budget) or the noise, dp.{cls.config_key}"
+                                  " (dp.noise_multiplier=0: a non-private run)")
+            from fedsim.lmo_search import ResultCache  # searched noise (LMO) is kept between runs
+
+            mech = cls.calibrated(clip, target_epsilon=dp.epsilon, delta=delta, q=q, steps=steps, k=k,
+                                  accountant=accountant, dimension=dimension, cache=ResultCache(), **opts)
+        eps = epsilon(make_accountant(accountant, **opts), mech.run_event(q, steps, k), delta)
+    except errors as exc:
+        raise ConfigError(f"dp: {exc}") from None
+    if dp.epsilon is not None and eps > dp.epsilon:
+        raise ConfigError(f"dp.{cls.config_key} ({mech.noise_label()}) gives epsilon={eps:.4g} over {steps}"
+                          f" {'rounds' if k is None else f'ELS steps (k={k}, q={q:.3g})'}, above"
+                          f" dp.epsilon={dp.epsilon:g}; raise the noise or leave it unset to calibrate")
+    return mech, accountant, opts, eps, (dp.epsilon if dp.epsilon is not None else eps)
+
+
+def plan_uls(cfg, num_users: int, dimension: int | None = None) -> Plan:
+    """The ULS plan. `dimension` (trainable weights) tightens LMO accounting; None is always
+    safe (a dimension-free bound)."""
+    q = sampling_rate(cfg, num_users)
+    delta, warnings = resolve_delta(cfg, num_users)
+    mech, accountant, opts, eps, target = _mechanism_for(
+        cfg, clip=cfg.dp.clip_norm, q=q, steps=cfg.run.rounds, delta=delta, k=None, dimension=dimension,
+        options={}, warnings=warnings)
+    return Plan("ULS", num_users, q, delta, cfg.run.rounds, mech, accountant, opts, target, eps,
+                cfg.uls.expected_cohort, tuple(warnings))
+
+
+def plan_els(cfg, store, steps: int | None = None, group_bound: bool = True, dimension: int | None = None) -> Plan:
+    """The ELS plan for `steps` steps (default: els.steps, else ULS's planned compute)."""
+    ec, dp = cfg.els, cfg.dp
+    steps = steps or ec.steps or plan_compute(cfg, store).els_steps
+    users, index = kept_examples(store.train_example_counts(), ec.k, cfg.run.seed)
+    # q: els.sampling_rate if set, else expected_batch / M (M, the kept-example count, is then public)
+    q = ec.sampling_rate if ec.sampling_rate is not None else example_sampling_rate(ec.expected_batch, users.size, ec.k)
+    delta, warnings = resolve_delta(cfg, store.num_users)
+    clip = ec.clip_norm if ec.clip_norm is not None else dp.clip_norm
+    mech, accountant, opts, eps, target = _mechanism_for(
+        cfg, clip=clip, q=q, steps=steps, delta=delta, k=ec.k, dimension=dimension,
+        options={"value_discretization_interval": ec.accounting_interval}, warnings=warnings)
+    group = mech.group_privacy_epsilon(ec.k, q, steps, delta) if group_bound and math.isfinite(eps) else None
+    return Plan("ELS", store.num_users, q, delta, steps, mech, accountant, opts, target, eps, ec.expected_batch,
+                tuple(warnings), ec.k, users, index, group)
+
+
+# -- matched compute (fedsim compare) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """Compute is counted in per-example gradient evaluations (one forward + backward of one
+    example): ULS spends q * sum_u used(u) per round, ELS its expected batch per step."""
+
+    budget: float  # per-example gradient evaluations each method may spend
+    uls_rounds: int
+    uls_per_round: float  # expected: q_users * sum_u used(u)
+    els_steps: int
+    els_batch: float  # expected examples per ELS step
+
+    @property
+    def uls_expected(self) -> float:
+        return self.uls_rounds * self.uls_per_round
+
+    @property
+    def els_expected(self) -> float:
+        return self.els_steps * self.els_batch
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "uls_expected": self.uls_expected, "els_expected": self.els_expected}
+
+
+def uls_users_compute(num_examples, uls):
+    """Example-gradient evaluations of ULS users with `num_examples` training examples each
+    (int64 array): what `training.local.train_user` does (cap, then epochs or a fixed number
+    of batches)."""
+    n = np.asarray(num_examples, dtype=np.int64)
+    c = n if uls.max_examples_per_user is None else np.minimum(n, uls.max_examples_per_user)
+    if uls.local_steps is None:
+        return uls.local_epochs * c
+    per_pass = np.maximum(-(-c // uls.batch_size), 1)  # batches per pass; all but the last are full
+    full, rest = np.divmod(uls.local_steps, per_pass)
+    return np.where(c == 0, 0, full * c + np.minimum(rest * uls.batch_size, c))
+
+
+def uls_user_compute(num_examples: int, uls) -> int:
+    return int(uls_users_compute([num_examples], uls)[0])
+
+
+def matched_compute(budget: float | None, uls_per_round: float, planned_rounds: int, els_batch: float) -> ComputePlan:
+    """The arithmetic of matched compute (separate from any store, for tests)."""
+    if uls_per_round <= 0:
+        raise ConfigError("ULS would compute nothing per round (no training examples)")
+    if els_batch <= 0:
+        raise ConfigError(f"els.expected_batch must be positive, got {els_batch!r}")
+    budget = float(budget) if budget is not None else planned_rounds * uls_per_round
+    return ComputePlan(budget, max(1, round(budget / uls_per_round)), uls_per_round,
+                       max(1, round(budget / els_batch)), float(els_batch))
+
+
+def plan_compute(cfg, store) -> ComputePlan:
+    """Expected ULS compute per round, q * sum_u used(u), from the store's vectorised per-user
+    training counts (no example is generated), matched to ELS steps of els.expected_batch."""
+    q = sampling_rate(cfg, store.num_users)
+    per_round = q * float(uls_users_compute(store.train_example_counts(), cfg.uls).sum())
+    return matched_compute(cfg.compare.budget, per_round, cfg.run.rounds, cfg.els.expected_batch)
