@@ -236,10 +236,10 @@ def run_flower_dp(args) -> dict:
 
     from fedsim.config import load_config
     from fedsim.models.causal_lm import _gpt2_from_arch
-    from fedsim.simulate import _quiet_logs, _shutdown_ray
+    from fedsim.simulate import _shutdown_ray, quiet_logs
 
     torch.set_num_threads(1)
-    _quiet_logs(False)
+    quiet_logs(False)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     cfg = load_config(None, workload_overrides(tempfile.gettempdir()))
     stamps: list[float] = []

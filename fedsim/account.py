@@ -17,12 +17,13 @@ Heavy imports (dp_accounting, prv_accountant, scipy, rich) happen inside the fun
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
 import time
 from pathlib import Path
+
+from fedsim.errors import UsageError
 
 # What each row is, for the table and the JSON.
 BOUND, APPROX = "upper bound", "approximation (not a bound)"
@@ -30,17 +31,10 @@ ALL_ACCOUNTANTS = ("pld", "rdp", "prv", "edgeworth", "edgeworth-approx")
 MATCH_RTOL = 1e-6  # RUN_DIR form: relative tolerance between summary.json and the recomputation
 
 
-class _UsageError(Exception):
-    """A bad command line; main() prints it as one `error:` line and returns 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print usage and sys.exit(2)
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    from fedsim.cli import ArgumentParser
+
+    p = ArgumentParser(
         prog="fedsim account",
         description="Epsilon of T Poisson-subsampled Gaussian releases under every accountant, "
         "the noise for a target epsilon, or a re-check of a run directory's epsilon.",
@@ -89,32 +83,31 @@ def _num(x: float | None):
     return x if x is not None and math.isfinite(x) else None
 
 
-def _warm_up(acc, make_event) -> None:
-    """One throw-away call on a single release, so the timings exclude first-call imports."""
-    from dp_accounting import dp_event
-
-    one = make_event(1.0)
-    one = one.event if isinstance(one, dp_event.SelfComposedDpEvent) else one
-    if acc.supports(one):
-        copy.deepcopy(acc).compose(one).get_epsilon(0.5)
+def _rows(names, vdi, make_event, fill, **blank) -> list[dict]:
+    """One row per accountant: `fill(name, accountant, row)` sets its values, timed (a throw-away
+    call on one release first, so first-call imports stay out of the timing)."""
+    rows = []
+    for name in names:
+        acc = _make(name, vdi)
+        row = {"accountant": name, "kind": BOUND if getattr(acc, "is_upper_bound", True) else APPROX, **blank,
+               "seconds": None, "note": ""}
+        rows.append(row)
+        if not acc.supports(make_event(1.0)):
+            row["note"] = "unsupported event"
+            continue
+        _make(name, vdi).compose(make_event(1.0).event).get_epsilon(0.5)
+        t0 = time.perf_counter()
+        fill(name, acc, row)
+        row["seconds"] = time.perf_counter() - t0
+    return rows
 
 
 def epsilon_rows(q, sigma, steps, delta, k, names, vdi) -> list[dict]:
     """One row per accountant: epsilon at delta and the seconds it took."""
     make_event = _event_factory(q, steps, k)
-    event = make_event(sigma)
-    rows = []
-    for name in names:
-        acc = _make(name, vdi)
-        _warm_up(acc, make_event)
-        row = {"accountant": name, "kind": BOUND if getattr(acc, "is_upper_bound", True) else APPROX, "epsilon": None,
-               "seconds": None, "note": ""}
-        if not acc.supports(event):
-            row["note"] = "unsupported event"
-            rows.append(row)
-            continue
-        t0 = time.perf_counter()
-        acc.compose(event)
+
+    def fill(name, acc, row):
+        acc.compose(make_event(sigma))
         if name == "edgeworth":
             rep = acc.epsilon_report(delta)  # the approximation in it costs ~1% of this
             row["epsilon"] = rep.reported
@@ -126,9 +119,8 @@ def epsilon_rows(q, sigma, steps, delta, k, names, vdi) -> list[dict]:
             row["note"] = f"estimate {b.estimate:.4f}, lower {b.lower:.4f}, eps_error {b.eps_error:.3g}"
         else:
             row["epsilon"] = float(acc.get_epsilon(delta))
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
-    return rows
+
+    return _rows(names, vdi, make_event, fill, epsilon=None)
 
 
 def sigma_rows(q, steps, delta, target, k, names, vdi) -> list[dict]:
@@ -136,26 +128,16 @@ def sigma_rows(q, steps, delta, target, k, names, vdi) -> list[dict]:
     from fedsim.privacy.calibration import calibrate_noise
 
     make_event = _event_factory(q, steps, k)
-    rows = []
-    for name in names:
-        acc = _make(name, vdi)
-        row = {"accountant": name, "kind": BOUND if getattr(acc, "is_upper_bound", True) else APPROX, "sigma": None,
-               "epsilon_at_sigma": None, "seconds": None, "note": ""}
-        if not acc.supports(make_event(1.0)):
-            row["note"] = "unsupported event"
-            rows.append(row)
-            continue
-        t0 = time.perf_counter()
+
+    def fill(name, acc, row):
         try:
-            sigma = calibrate_noise(make_event, target, delta, lambda: _make(name, vdi))
+            row["sigma"] = calibrate_noise(make_event, target, delta, lambda: _make(name, vdi))
         except ValueError as exc:  # no noise up to the search limit meets the target
             row["note"] = str(exc)
         else:
-            row["sigma"] = sigma
-            row["epsilon_at_sigma"] = float(_make(name, vdi).compose(make_event(sigma)).get_epsilon(delta))
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
-    return rows
+            row["epsilon_at_sigma"] = float(_make(name, vdi).compose(make_event(row["sigma"])).get_epsilon(delta))
+
+    return _rows(names, vdi, make_event, fill, sigma=None, epsilon_at_sigma=None)
 
 
 def epsilon_by_accountant(ledger, delta: float) -> dict:
@@ -260,28 +242,28 @@ def _validate(args) -> None:
 
     for flag in ("q", "steps", "delta"):
         if getattr(args, flag) is None:
-            raise _UsageError(f"--{flag} is required (or give a RUN_DIR)")
+            raise UsageError(f"--{flag} is required (or give a RUN_DIR)")
     if args.find and args.epsilon is None:
-        raise _UsageError("--find sigma needs --epsilon")
+        raise UsageError("--find sigma needs --epsilon")
     if not args.find and args.sigma is None:
-        raise _UsageError("--sigma is required (or --epsilon E --find sigma)")
+        raise UsageError("--sigma is required (or --epsilon E --find sigma)")
     try:
         check_sampling_rate(args.q, "--q")
         check_steps(args.steps, "--steps")
         check_delta(args.delta, "--delta")
         check_positive(args.epsilon if args.find else args.sigma, "--epsilon" if args.find else "--sigma")
     except ValueError as exc:
-        raise _UsageError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     if args.k is not None and args.k < 1:
-        raise _UsageError(f"--k must be an integer >= 1, got {args.k}")
+        raise UsageError(f"--k must be an integer >= 1, got {args.k}")
     if args.vdi is not None and not (0 < args.vdi < 1):
-        raise _UsageError(f"--vdi must be in (0, 1), got {args.vdi}")
+        raise UsageError(f"--vdi must be in (0, 1), got {args.vdi}")
 
 
 def _run(args) -> int:
     if args.run_dir is not None:
         if any(getattr(args, f) is not None for f in ("q", "sigma", "steps", "delta", "epsilon", "find", "k")):
-            raise _UsageError("give either RUN_DIR or --q/--sigma/--steps/--delta, not both")
+            raise UsageError("give either RUN_DIR or --q/--sigma/--steps/--delta, not both")
         results = [check_run_dir(str(d)) for d in run_dirs_of(args.run_dir)]
         if args.json:
             print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
@@ -298,33 +280,24 @@ def _run(args) -> int:
     names = [n.strip() for n in args.accountants.split(",") if n.strip()]
     unknown = [n for n in names if n not in ALL_ACCOUNTANTS]
     if unknown or not names:
-        raise _UsageError(f"--accountants must be a subset of {','.join(ALL_ACCOUNTANTS)}, got {args.accountants!r}")
+        raise UsageError(f"--accountants must be a subset of {','.join(ALL_ACCOUNTANTS)}, got {args.accountants!r}")
     vdi = args.vdi if args.vdi is not None else (1e-3 if args.k else 1e-4)
     setting = {"q": args.q, "steps": args.steps, "delta": args.delta, "k": args.k, "pld_vdi": vdi}
     what = f"q={args.q:g}, T={args.steps}, delta={args.delta:g}" + (f", k={args.k} (ELS)" if args.k else "")
 
     if args.find:
         rows = sigma_rows(args.q, args.steps, args.delta, args.epsilon, args.k, names, vdi)
-        if args.json:
-            out = {"mode": "find-sigma", **setting, "target_epsilon": args.epsilon,
-                   "results": [{**r, "sigma": _num(r["sigma"]), "epsilon_at_sigma": _num(r["epsilon_at_sigma"])}
-                               for r in rows]}
-            print(json.dumps(out, indent=2))
-        else:
-            _print_table(f"noise multiplier for epsilon={args.epsilon:g} ({what})",
-                         ["accountant", "kind", "sigma", "epsilon at sigma", "seconds", "note"],
-                         [[r["accountant"], r["kind"], _fmt(r["sigma"]), _fmt(r["epsilon_at_sigma"]),
-                           _fmt(r["seconds"], ".2f"), r["note"]] for r in rows])
-        return 0
-
-    rows = epsilon_rows(args.q, args.sigma, args.steps, args.delta, args.k, names, vdi)
-    if args.json:
-        out = {"mode": "epsilon", **setting, "sigma": args.sigma,
-               "results": [{**r, "epsilon": _num(r["epsilon"])} for r in rows]}
-        print(json.dumps(out, indent=2))
+        values, title = ["sigma", "epsilon_at_sigma"], f"noise multiplier for epsilon={args.epsilon:g} ({what})"
+        mode = {"mode": "find-sigma", "target_epsilon": args.epsilon}
     else:
-        _print_table(f"epsilon ({what}, sigma={args.sigma:g})", ["accountant", "kind", "epsilon", "seconds", "note"],
-                     [[r["accountant"], r["kind"], _fmt(r["epsilon"]), _fmt(r["seconds"], ".2f"), r["note"]]
+        rows, values = epsilon_rows(args.q, args.sigma, args.steps, args.delta, args.k, names, vdi), ["epsilon"]
+        mode, title = {"mode": "epsilon", "sigma": args.sigma}, f"epsilon ({what}, sigma={args.sigma:g})"
+    if args.json:
+        print(json.dumps({"mode": mode["mode"], **setting, **mode,
+                          "results": [{**r, **{v: _num(r[v]) for v in values}} for r in rows]}, indent=2))
+    else:
+        _print_table(title, ["accountant", "kind", *[v.replace("_", " ") for v in values], "seconds", "note"],
+                     [[r["accountant"], r["kind"], *[_fmt(r[v]) for v in values], _fmt(r["seconds"], ".2f"), r["note"]]
                       for r in rows])
     return 0
 
@@ -338,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    except (_UsageError, FedsimError) as exc:
+    except FedsimError as exc:  # a UsageError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -5,15 +5,11 @@ Layout in a run directory:
                                    torch's global RNG for dropout in ELS)
   checkpoint.json                  round, optimizer hyper-parameters, tensor file name + sha256
 
-The tensor file is written first (temp file + rename) under a new name, then the JSON
-pointer is replaced atomically, then older tensor files are removed: a crash at any
-point leaves a JSON that points to a complete tensor file. A pointer whose tensor file
-is missing or has the wrong hash is a corrupt checkpoint (FedsimError naming the file).
-
-No secret randomness is ever written: the cohorts, example samples and noise come from
-`SecretRandomness` (privacy/randomness.py), whose draws are a function of a key and the
-round, never of a generator state. A secure run's key lives only in its process (a resume
-gets a fresh one); a reproducible run's key is re-derived from run.seed.
+The tensor file is written atomically under a new name, then the JSON pointer is replaced
+atomically, then older tensor files are removed: a crash at any point leaves a pointer to a
+complete tensor file; a missing one or a wrong hash is a corrupt checkpoint (FedsimError).
+No secret randomness is ever written: cohorts, example samples and noise are functions of a
+process's key and the round (`privacy/randomness.py`), never of a generator state.
 """
 
 from __future__ import annotations

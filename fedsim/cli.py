@@ -9,6 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fedsim.errors import UsageError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one `error:` line and exit code 2, not argparse's usage dump
+        raise UsageError(message)
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default="configs/default.yaml", help="experiment YAML (default: configs/default.yaml)")
@@ -57,22 +64,18 @@ def cmd_data(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     store = build_store(cfg.data)
-    n = store.num_users
     sizes = np.asarray(store.example_counts())  # large stores count without generating any user's examples
-    qs = np.percentile(sizes, [0, 10, 25, 50, 75, 90, 99, 100])
-    print(f"source: {cfg.data.source}")
-    print(f"users: {n}")
-    print(f"examples: {int(sizes.sum())}")
-    print("examples per user quantiles: " + ", ".join(f"p{p}={v:g}" for p, v in zip((0, 10, 25, 50, 75, 90, 99, 100), qs)))
-    pub = store.public_examples()
-    if pub:
+    ps = (0, 10, 25, 50, 75, 90, 99, 100)
+    print(f"source: {cfg.data.source}\nusers: {store.num_users}\nexamples: {int(sizes.sum())}")
+    print("examples per user quantiles: " + ", ".join(f"p{p}={v:g}" for p, v in zip(ps, np.percentile(sizes, ps))))
+    if pub := store.public_examples():
         print(f"public examples (pre-training): {len(pub)}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="fedsim", description="Federated fine-tuning with user-level DP: ULS vs ELS.")
+    parser = ArgumentParser(prog="fedsim", description="Federated fine-tuning with user-level DP: ULS vs ELS.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run an experiment (ULS on Flower)")
     _add_config_args(p_run)
@@ -87,18 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("compare", help="ULS vs ELS at matched (epsilon, delta) and compute; `fedsim compare -h`", add_help=False)
 
     # subcommands with their own parsers take the rest of the line
-    if argv and argv[0] in ("account", "lmo-search", "compare"):
-        return _dispatch_external(argv[0], argv[1:])
+    external = {"account": "fedsim.account", "lmo-search": "fedsim.lmo_search", "compare": "fedsim.compare"}
+    if argv and argv[0] in external:
+        import importlib
+
+        return _guard(lambda: importlib.import_module(external[argv[0]]).main(argv[1:]))
     args = parser.parse_args(argv)
-    handlers = {"run": cmd_run, "data": cmd_data}
-    return _guard(lambda: handlers[args.command](args))
-
-
-def _dispatch_external(name: str, rest: list[str]) -> int:
-    import importlib
-
-    mod = {"account": "fedsim.account", "lmo-search": "fedsim.lmo_search", "compare": "fedsim.compare"}[name]
-    return _guard(lambda: importlib.import_module(mod).main(rest))
+    return _guard(lambda: {"run": cmd_run, "data": cmd_data}[args.command](args))
 
 
 def _guard(fn) -> int:

@@ -1,21 +1,15 @@
 """`fedsim compare CONFIG [--set k=v]`: ULS vs ELS at the same (epsilon, delta) and compute.
 
-Compute is counted in per-example gradient evaluations (one forward + backward of one
-example through the model):
-  ULS: sum over rounds of (sampled users x examples each uses x local epochs), i.e.
-       expected q_users * sum_u used(u) per round (`fedsim.plan.uls_users_compute`);
-  ELS: expected batch q M per step.
-`compare.budget` fixes the total for both methods (None: ULS's planned compute,
-run.rounds rounds); ULS then runs budget / (expected compute per round) rounds and ELS
-budget / (expected batch) steps. Both are calibrated to dp.epsilon at the same delta:
-ULS with the Poisson-Gaussian PLD over its rounds, ELS with the Binomial(k, q)
-mixture PLD over its steps. The result is one table, a comparison directory with both
-run directories, `compare.json` and `compare.png` (eval loss vs compute spent).
+Compute is counted in per-example gradient evaluations: ULS expects q * sum_u used(u) per
+round (`fedsim.plan.uls_users_compute`), ELS its expected batch per step. `compare.budget`
+fixes the total (None: ULS's planned compute over run.rounds); each method gets as many
+rounds/steps as fit, and is calibrated to dp.epsilon at the same delta under its own
+accountant. The result: one table, a comparison directory with both run directories,
+`compare.json` and `compare.png` (eval loss vs compute spent).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -106,7 +100,7 @@ def run_compare(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, d
     from fedsim.data import build_store
     from fedsim.loop import run
     from fedsim.models import build_task
-    from fedsim.plan import plan_compute, plan_els, plan_uls
+    from fedsim.plan import mechanism_class, plan_compute, plan_els, plan_uls
     from fedsim.rundir import RunWriter, create_run_dir
 
     t0 = time.time()
@@ -122,7 +116,8 @@ def run_compare(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, d
     say(f"compute budget {cp.budget:,.0f} example gradients: ULS {cp.uls_rounds} rounds x {cp.uls_per_round:.1f}"
         f" expected per round; ELS {cp.els_steps} steps x {cp.els_batch:g} expected per step")
     els_plan = plan_els(els_cfg, store, steps=cp.els_steps)  # first: its input checks are cheap, ULS calibration is not
-    uls_plan = plan_uls(uls_cfg, store.num_users, build_task(cfg, store, log=say).flat.numel)
+    dimension = build_task(cfg, store, log=say).flat.numel if mechanism_class(cfg.dp.mechanism).needs_dimension else None
+    uls_plan = plan_uls(uls_cfg, store.num_users, dimension)
     say(f"ULS {uls_plan.mechanism.noise_label()}; ELS {els_plan.mechanism.noise_label()}"
         f" (user-level epsilon {els_plan.planned_epsilon:.4g}, group-privacy bound {_fmt(els_plan.group_epsilon)})")
     # the comparison directory; each method gets a run directory inside it
@@ -155,7 +150,9 @@ def run_compare(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, d
 def main(argv: list[str]) -> int:
     from fedsim.config import load_config
 
-    p = argparse.ArgumentParser(prog="fedsim compare", description=__doc__.split("\n\n")[0])
+    from fedsim.cli import ArgumentParser
+
+    p = ArgumentParser(prog="fedsim compare", description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="?", default="configs/default.yaml", help="experiment YAML (default: configs/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set compare.budget=5000 (repeatable)")

@@ -7,6 +7,7 @@ fedsim relies on a few internals that the libraries do not promise to keep:
 | flwr 1.41.0 | `flwr.supercore.task_identity.TaskIdentity` globals | messages outside a SuperLink (the in-process grid) |
 | flwr 1.41.0 | `RayBackend` (swapped by name) and its actor pool's `_future_to_actor`, `pool`, `create_actor_fn` | replacing a dead Ray actor |
 | dp-accounting 0.6.0 | `rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian` | RDP of the Poisson-subsampled Gaussian (LMO-faithful composition) |
+| dp-accounting 0.6.0 | `PLDAccountant._maybe_compose`, `_pld`, `_value_discretization_interval` | the `pld` accountant composing memoised per-release PLDs |
 | opacus 1.6.0 | `GradSampleModule._close` | removing Opacus' hooks (ELS `per_example: opacus`) |
 | prv-accountant 0.2.0 | `composers`, `discretisers`, `domain.Domain`, `accountant.compute_safe_domain_size`, `privacy_random_variables` classes | the PRV accountant's own composition steps (`fedsim/privacy/prv.py`) |
 

@@ -5,6 +5,10 @@ class FedsimError(Exception):
     """A problem with the user's input: config, data, model or run directory."""
 
 
+class UsageError(FedsimError):
+    """A bad command line."""
+
+
 class ConfigError(FedsimError):
     """An impossible or unknown config value. The message names the key."""
 

@@ -1,11 +1,6 @@
-"""`fedsim lmo-search`: the offline LMO noise search (`fedsim.privacy.lmo.search`) with a
-result cache and a progress bar.
-
-Results are cached as JSON under ``$FEDSIM_CACHE_DIR/lmo/`` (default ``~/.cache/fedsim/lmo/``),
-keyed by the setting and the search version, written atomically.
-
-CLI: ``fedsim lmo-search --epsilon 0.3 --delta 1e-10 --q 0.01 --steps 100 --dimension 1000
---objective variance [--accountant lmo_faithful|paper] [--json]`` (:func:`main`).
+"""`fedsim lmo-search` (:func:`main`): the offline LMO noise search (`fedsim.privacy.lmo.search`)
+with a progress bar and a result cache: JSON under ``$FEDSIM_CACHE_DIR/lmo/`` (default
+``~/.cache/fedsim/lmo/``), keyed by the setting and the search version, written atomically.
 """
 
 from __future__ import annotations
@@ -20,8 +15,7 @@ from pathlib import Path
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.privacy.lmo import search as _search
 from fedsim.privacy.lmo.search import (  # noqa: F401  (re-exported)
-    ACCOUNTANTS, GRIDS, OBJECTIVES, PAPER_SEARCH_VARIANT, SEARCH_VERSION, LmoSearchResult, canonical,
-    gaussian_reference, paper_grid)
+    ACCOUNTANTS, GRIDS, OBJECTIVES, PAPER_SEARCH_VARIANT, SEARCH_VERSION, LmoSearchResult, gaussian_reference)
 from fedsim.rundir import atomic_write_text, cache_dir
 
 
@@ -56,9 +50,8 @@ def search(epsilon: float, delta: float, q: float, steps: int, dimension: int | 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    enabled = progress and sys.stderr.isatty()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True, disable=not enabled) as bar:
+                  console=Console(stderr=True), transient=True, disable=not (progress and sys.stderr.isatty())) as bar:
         try:
             return _search.search(epsilon, delta, q, steps, dimension, objective, gamma, accountant,
                                   cache=ResultCache() if use_cache else None, progress=bar, **options)
@@ -67,15 +60,6 @@ def search(epsilon: float, delta: float, q: float, steps: int, dimension: int | 
 
 
 # -- CLI -----------------------------------------------------------------------------------------
-
-
-class _ArgError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise _ArgError(message)
 
 
 def _positive_int(s: str) -> int:
@@ -89,11 +73,9 @@ def _positive_int(s: str) -> int:
 
 
 def _fmt(x) -> str:
-    if x is None:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "inf"
-    if isinstance(x, float):
-        return "inf" if not math.isfinite(x) else f"{x:.5g}"
-    return str(x)
+    return f"{x:.5g}" if isinstance(x, float) else str(x)
 
 
 def _print_result(res: LmoSearchResult) -> None:
@@ -104,9 +86,8 @@ def _print_result(res: LmoSearchResult) -> None:
     t = Table(title=f"LMO search: eps={s['epsilon']:g}, delta={s['delta']:g}, q={s['q']:g}, steps={s['steps']}, "
                     f"d={s['dimension']}, objective={s['objective']}, accountant={s['accountant']}"
                     + (f", ELS k={s['k']}" if s.get("k", 1) > 1 else ""))
-    t.add_column("quantity")
-    t.add_column("LMO")
-    t.add_column("Gaussian")
+    for column in ("quantity", "LMO", "Gaussian"):
+        t.add_column(column)
     t.add_row("parameters", ", ".join(f"{k}={v:.5g}" for k, v in res.params.to_dict().items()),
               f"sigma={_fmt(g.get('sigma_pld'))} (PLD); {_fmt(g['sigma_generic_rdp'])} (generic RDP)")
     t.add_row("noise std / C", _fmt(res.noise_std), _fmt(g["noise_std"]))
@@ -124,7 +105,9 @@ def _print_result(res: LmoSearchResult) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`fedsim lmo-search ...`; returns the exit code (2 on bad arguments)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = _Parser(prog="fedsim lmo-search", description="Offline LMO-DP noise search (arXiv 2405.18776).")
+    from fedsim.cli import ArgumentParser
+
+    p = ArgumentParser(prog="fedsim lmo-search", description="Offline LMO-DP noise search (arXiv 2405.18776).")
     p.add_argument("--epsilon", type=float, required=True, help="target epsilon")
     p.add_argument("--delta", type=float, required=True, help="target delta")
     p.add_argument("--q", type=float, required=True, help="Poisson sampling rate per round")
@@ -145,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         res = search(args.epsilon, args.delta, args.q, args.steps, args.dimension, args.objective, args.gamma,
                      args.accountant, use_cache=not args.no_cache, grid=args.grid, maxfev=args.maxfev,
                      compare_gaussian=not args.no_gaussian, k=args.k)
-    except (_ArgError, FedsimError) as exc:
+    except FedsimError as exc:  # a bad command line (UsageError) too
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

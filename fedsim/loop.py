@@ -1,17 +1,11 @@
-"""One training loop for ULS and ELS, and the one way to run or resume either.
+"""One training loop for ULS and ELS, and the one way to run or resume either
+(docs/architecture.md, "One ULS round", "One ELS step"):
 
-    plan (once) -> for each round/step:
-        guard     the budget: the ledger plus this release must fit (else stop)
-        sum       the method's clipped sum: ULS sends the cohort to Flower nodes and sums the
-                  replies (`strategies/uls_strategy.py`), ELS sums per-example clipped
-                  gradients (`fedsim/els.py`)
-        release   record, noise, divide by the public denominator (`privacy/release.py`)
-        step      the server optimizer on the noisy mean (a pseudo-gradient)
-        write     released values to metrics.jsonl, the rest to diagnostics.jsonl; eval; checkpoint
+    plan (once) -> per round/step: guard -> the method's clipped sum -> release (record, noise,
+    scale) -> optimizer step on the noisy mean -> eval, write, checkpoint
 
-A method is an adaptor with `clipped_sum(step, weights) -> (sum, diagnostics, examples)`;
-everything else -- budget, noise, optimizer, evaluation, checkpoints, resume, the summary --
-is written here once (docs/architecture.md, "One ULS round", "One ELS step").
+A method adaptor supplies only `clipped_sum(step, weights) -> (sum, diagnostics, examples)`:
+ULS the Flower strategy (`strategies/uls_strategy.py`), ELS `fedsim/els.py`.
 """
 
 from __future__ import annotations
@@ -156,7 +150,10 @@ def run(cfg, method: str = "ULS", say=print, *, plan=None, run_dir: Path | None 
     from fedsim.privacy.randomness import SecretRandomness
     from fedsim.rundir import create_run_dir
 
+    from fedsim.simulate import quiet_logs
+
     method = method.upper()
+    quiet_logs(cfg.simulation.verbose)  # before the model is built: library notices are not for the user
     # One intra-op thread unless asked: the tiny per-user batches gain nothing from more, and
     # OpenMP threads spinning beside Ray actors (which Ray pins to 1 thread) slowed rounds ~50x.
     torch.set_num_threads(cfg.run.threads or 1)
@@ -199,11 +196,9 @@ def resume(run_dir: str | Path, say=print) -> tuple[Path, dict]:
     return run(load_config(run_dir / "config.yaml"), checkpoint_method(run_dir), say, run_dir=run_dir, resume=True)
 
 
-def run_uls(cfg, say=print, **options) -> tuple[Path, dict]:
-    """`run(cfg, "ULS", ...)`: DP-FedAvg on Flower."""
+def run_uls(cfg, say=print, **options) -> tuple[Path, dict]:  # DP-FedAvg on Flower
     return run(cfg, "ULS", say, **options)
 
 
-def run_els(cfg, say=print, **options) -> tuple[Path, dict]:
-    """`run(cfg, "ELS", ...)`: the centralized ELS baseline."""
+def run_els(cfg, say=print, **options) -> tuple[Path, dict]:  # the centralized ELS baseline
     return run(cfg, "ELS", say, **options)

@@ -1,14 +1,6 @@
-"""The plan of a run: everything its privacy rests on, computed once, before anything is
-written or trained, and passed down frozen (docs/architecture.md, "The plan").
-
-ULS (`plan_uls`): q = expected_cohort / N (or `uls.sampling_rate`), one Poisson-sampled
-release per round. ELS (`plan_els`): each user keeps at most k examples, q = expected_batch /
-M over the M kept examples (or `els.sampling_rate`), one Binomial(k, q) mixture release per
-step. Both: delta, the mechanism (calibrated to dp.epsilon under the run's accountant, or
-given), the accountant (dp.accountant when it can account for the release; a mechanism's own
-when dp.accountant was left at its default; otherwise refused), the planned epsilon and the
-public denominator (expected cohort or batch). `plan_compute` is the matched-compute
-arithmetic of `fedsim compare`. The config is never written back: the plan is the record.
+"""The plan of a run: everything its privacy rests on, computed once before anything is
+written or trained and passed down frozen; never written back into the config
+(docs/architecture.md, "The plan"). `plan_compute`: the matched compute of `fedsim compare`.
 """
 
 from __future__ import annotations

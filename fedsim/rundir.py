@@ -1,14 +1,12 @@
-"""Run directories: resolved config, metrics.jsonl, diagnostics.jsonl, summary.json, weights.
-Atomic writes.
+"""Run directories (resolved config, metrics, diagnostics, summary, weights), the cache
+directory, atomic writes.
 
 Per-round rows are split by what the DP guarantee covers (`RELEASED_FIELDS`):
-  metrics.jsonl      released: the round/step, epsilon spent, the plan's public values (q,
-                     expected cohort or batch, noise std) and values computed from the
-                     released (noisy) update. A deployment may publish it with the models.
-  diagnostics.jsonl  simulation only, outside the guarantee: everything computed from
-                     unnoised user data (train loss, clipped fraction, realised cohort and
-                     example counts, signal norm, failures, eval loss on the private users'
-                     held-out text, wall time). Its first line says so; never publish it.
+  metrics.jsonl      released: round/step, epsilon spent, the plan's public values and values
+                     computed from the noisy update. A deployment may publish it.
+  diagnostics.jsonl  outside the guarantee: everything computed from unnoised user data (losses,
+                     clipped fraction, realised counts, norms, failures, eval on the private
+                     users' held-out text, wall time). Labelled so; never to be published.
 A field is released only if it is listed: anything new lands in the diagnostics.
 """
 

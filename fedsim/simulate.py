@@ -61,35 +61,23 @@ def num_nodes_for(cfg, num_users: int) -> int:
     return max(1, int((os.cpu_count() or 1) // cfg.simulation.num_cpus))
 
 
-class _DropDeprecationNotice(logging.Filter):
-    """fedsim calls `run_simulation` on purpose (`flwr run .` is offered too); its notice is noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in record.getMessage()
-
-
-def _quiet_logs(verbose: bool) -> None:
+def quiet_logs(verbose: bool) -> None:
     import warnings
 
-    level = logging.INFO if verbose else logging.WARNING
     flwr_logger = logging.getLogger("flwr")
-    flwr_logger.setLevel(level)
-    for target in [flwr_logger, *flwr_logger.handlers]:
-        target.addFilter(_DropDeprecationNotice())
-    if not verbose:  # run_simulation lowers flwr's level to DEBUG; keep its records off the root handlers
-        flwr_logger.propagate = False
-    if not verbose:
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-        except ImportError:
-            pass
+    flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    for target in [flwr_logger, *flwr_logger.handlers]:  # fedsim calls `run_simulation` on purpose: not news
+        target.addFilter(lambda record: "DEPRECATED FEATURE" not in record.getMessage())
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not verbose:
-        os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
+    if verbose:
+        return
+    flwr_logger.propagate = False  # run_simulation lowers flwr's level to DEBUG; keep its records off the root
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_LOG_TO_STDERR", "0")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
 
 
 def run_flower(cfg, plan, task, evalset, run_dir: Path, randomness, say=print, resume: bool = False) -> dict:
@@ -97,7 +85,6 @@ def run_flower(cfg, plan, task, evalset, run_dir: Path, randomness, say=print, r
     cluster at simulation.ray_address); returns the summary."""
     from server.server_app import run_server
 
-    _quiet_logs(cfg.simulation.verbose)
     args = (cfg, plan, task, evalset, run_dir, randomness)
     nodes = num_nodes_for(cfg, plan.num_users)
     if cfg.simulation.backend == "inprocess":

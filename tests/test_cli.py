@@ -114,10 +114,11 @@ def test_delta_at_least_one_over_users_warns():
     from fedsim.config import load_config
     from fedsim.plan import plan_uls
 
-    cfg = load_config("configs/smoke.yaml", ["dp.delta=0.06"])  # 20 users: 1/N = 0.05
+    fixed_noise = ["dp.noise_multiplier=1", "dp.epsilon=null"]  # no calibration: the warning is about delta
+    cfg = load_config("configs/smoke.yaml", ["dp.delta=0.06", *fixed_noise])  # 20 users: 1/N = 0.05
     plan = plan_uls(cfg, 20)
     assert any("leak one user's data" in w for w in plan.warnings)
-    assert not plan_uls(load_config("configs/smoke.yaml", ["dp.delta=0.01"]), 20).warnings
+    assert not plan_uls(load_config("configs/smoke.yaml", ["dp.delta=0.01", *fixed_noise]), 20).warnings
 
 
 def test_an_existing_run_directory_is_never_overwritten(tmp_path):
@@ -150,7 +151,7 @@ def test_a_failing_run_never_touches_an_existing_run_directory(tmp_path, capsys)
 
 def test_delta_at_least_one_over_users_warns_through_the_cli(tmp_path, capsys):
     rc = main(["run", "configs/smoke.yaml", "--set", f"run.output_dir={tmp_path}", "--set", "dp.delta=0.06",
-               "--set", "run.rounds=1"])
+               "--set", "run.rounds=1", "--set", "dp.noise_multiplier=1", "--set", "dp.epsilon=null"])
     out = capsys.readouterr().out
     assert rc == 0  # a warning, not an error
     assert "warning: dp.delta=0.06 >= 1/users=0.05" in out

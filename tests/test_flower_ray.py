@@ -2,7 +2,6 @@
 
 Ray costs ~10-20 s to start, so there is one small run in the default suite."""
 
-import json
 import math
 
 import pytest

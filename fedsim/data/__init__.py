@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 from fedsim.data.base import UserStore
+from fedsim.errors import ConfigError
 
 
 def eval_examples(store: UserStore, n: int, seed: int) -> list:
-    """A fixed, seeded subset of every user's held-out examples: the evaluation set of
-    every method (ULS and ELS evaluate on the same examples)."""
-    import random
-
+    """A fixed, seeded subset of all users' held-out examples: the evaluation set of every method (ULS, ELS)."""
     rng = random.Random(seed)
     if store.num_users <= 10_000:
         pool = [x for u in range(store.num_users) for x in store.test_examples(u)]
@@ -28,13 +28,12 @@ def build_store(cfg) -> UserStore:
         from fedsim.data.shakespeare import ShakespeareStore
 
         return ShakespeareStore(cfg.public_plays, cfg.min_examples, cfg.test_fraction, cfg.max_users, cfg.seed)
-    from fedsim.errors import ConfigError
-
     if cfg.source == "synthetic":
         from fedsim.data.synthetic import SyntheticTokenStore
 
         if cfg.examples_per_user is None and cfg.max_examples < cfg.min_examples:
-            raise ConfigError(f"data.max_examples ({cfg.max_examples}) must be >= data.min_examples ({cfg.min_examples})")
+            raise ConfigError(f"data.max_examples ({cfg.max_examples}) must be >= "
+                              f"data.min_examples ({cfg.min_examples})")
         n = cfg.num_users if cfg.max_users is None else min(cfg.num_users, cfg.max_users)
         return SyntheticTokenStore(n, cfg.seed, seq_len=cfg.seq_len, test_fraction=cfg.test_fraction,
                                    min_examples=cfg.min_examples, max_examples=cfg.max_examples,

@@ -1,15 +1,16 @@
 """The UserStore interface: who the users are and what examples each holds.
 
-A store never has to load a whole large population into memory: `train_examples(u)`
-and `test_examples(u)` are answered per user (lazily for synthetic and file stores).
-Examples are strings for language tasks (tokenised by the task) or arrays for the
-mean-estimation task.
+A store never has to load a whole large population into memory: `train_examples(u)` and
+`test_examples(u)` are answered per user (lazily for synthetic and file stores). Examples are
+strings for language tasks (tokenised by the task) or arrays for the mean-estimation task.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+
+import numpy as np
 
 
 class UserStore(abc.ABC):
@@ -28,20 +29,14 @@ class UserStore(abc.ABC):
         """The user's held-out examples (evaluation only)."""
 
     def example_counts(self):
-        """Examples (train + test) of every user, as an int64 numpy array of length num_users.
-        Generic fallback: asks every user (O(N) Python calls); large stores override it with
-        an O(N) vectorised or O(1)-per-user computation that generates no examples."""
-        import numpy as np
-
+        """Examples (train + test) of every user (int64 array, length num_users). Generic fallback: asks every
+        user (O(N) Python calls); large stores override it with a vectorised count that generates no examples."""
         return np.fromiter((len(self.train_examples(u)) + len(self.test_examples(u)) for u in range(self.num_users)),
                            dtype=np.int64, count=self.num_users)
 
     def train_example_counts(self):
         """Training examples of every user (int64 numpy array); generic fallback as above."""
-        import numpy as np
-
-        return np.fromiter((len(self.train_examples(u)) for u in range(self.num_users)), dtype=np.int64,
-                           count=self.num_users)
+        return np.fromiter((len(self.train_examples(u)) for u in range(self.num_users)), np.int64, self.num_users)
 
     def user_name(self, user: int) -> str:
         return str(user)

@@ -1,42 +1,41 @@
 """Users from a local JSONL / CSV / Parquet file: one row = one example (user id, text).
 
-The file is read once, in streaming batches, into a **user index** cached under
-``$FEDSIM_CACHE_DIR/files/<key>/`` (default ``~/.cache/fedsim/files/<key>/``), where the
-key hashes the file's absolute path, size and mtime and the options that change the
-index (columns, min_examples, byte limit). The cache holds:
+The file is read once, in streaming batches, into a **user index** cached under ``$FEDSIM_CACHE_DIR/files/<key>/``
+(default ``~/.cache/fedsim/files/<key>/``), where the key hashes the file's absolute path, size and mtime and
+the options that change the index (columns, min_examples, byte limit). The cache holds:
 
-- ``examples.arrow``: an Arrow IPC file with one ``text`` column, rows sorted by user
-  (stable: a user's examples keep their file order), opened memory-mapped;
+- ``examples.arrow``: an Arrow IPC file with one ``text`` column, rows sorted by user (stable: a user's
+  examples keep their file order), opened memory-mapped;
 - ``offsets.npy``: int64, user u's rows are ``offsets[u]:offsets[u+1]`` (memory-mapped);
 - ``users.arrow``: the user ids (strings), user u's id at row u;
 - ``meta.json``: counts (rows read, empty texts skipped, users dropped, ...), written last.
 
-A build writes into a temporary directory and renames it into place (atomic: a reader
-never sees half an index; two concurrent builds leave one). Opening a cached index maps
-files and reads nothing else, so ``train_examples(u)`` touches only u's rows: host memory
-grows with the users read, not with the file.
+A build writes into a temporary directory and renames it into place (atomic: a reader never sees half an
+index; two concurrent builds leave one). Opening a cached index maps files and reads nothing else, so
+``train_examples(u)`` touches only u's rows: host memory grows with the users read, not with the file.
 
-Users are numbered in sorted order of their ids (numerically when every id is an
-integer, else by UTF-8 bytes). User ids are read as strings (CSV) or converted to
-strings (JSON / Parquet integers). The held-out split is the last
-``split_test_count(n, test_fraction)`` examples of each user.
+Users are numbered in sorted order of their ids (numerically when every id is an integer, else by UTF-8
+bytes). User ids are read as strings (CSV) or converted to strings (JSON / Parquet integers). The held-out
+split is the last ``split_test_count(n, test_fraction)`` examples of each user.
 
-Bad input raises `DataError` naming the file and the place (1-based): ``line N`` for
-JSONL (physical line), ``row N`` for CSV (data rows, header not counted) and Parquet.
+Bad input raises `DataError` naming the file and the place (1-based): ``line N`` for JSONL (physical line),
+``row N`` for CSV (data rows, header not counted) and Parquet.
 - missing user / text column, empty file, a file with no rows: error;
 - malformed JSON line, a line that is not an object, a user id that is null: error;
 - text that is not valid UTF-8: error (row / line);
 - null or empty text: the row is **skipped** and counted (``stats["empty_texts_skipped"]``);
-- a text longer than ``max_example_bytes`` (default 1 MiB): error by default, or
-  ``long_examples="truncate"`` cuts it at the limit (on a UTF-8 character boundary),
-  counted in ``stats["truncated"]``;
-- users with fewer than ``min_examples`` examples are dropped, counted in
-  ``stats["users_dropped"]`` / ``stats["rows_dropped"]``; no user left: error.
+- a text longer than ``max_example_bytes`` (default 1 MiB): error by default, or ``long_examples="truncate"``
+  cuts it at the limit (on a UTF-8 character boundary), counted in ``stats["truncated"]``;
+- users with fewer than ``min_examples`` examples are dropped, counted in ``stats["users_dropped"]`` /
+  ``stats["rows_dropped"]``; no user left: error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import hashlib
+import itertools
 import json
 import logging
 import mmap
@@ -77,9 +76,7 @@ class _Batch:
     lines: np.ndarray | None = None  # JSONL: physical line number (1-based) of each row
 
     def where(self, i: int) -> str:
-        if self.lines is not None:
-            return f"line {int(self.lines[i])}"
-        return f"row {self.first_row + i + 1}"
+        return f"line {int(self.lines[i])}" if self.lines is not None else f"row {self.first_row + i + 1}"
 
 
 class _NeedLineReader(Exception):
@@ -87,11 +84,9 @@ class _NeedLineReader(Exception):
 
 
 class FileUserStore(UserStore):
-    """Users of a JSONL / CSV / Parquet file, indexed once and read memory-mapped.
-
-    ``builds`` counts index builds in this process (a cached open does not build);
-    ``built`` says whether this instance built its index; ``stats`` has the counts.
-    """
+    """Users of a JSONL / CSV / Parquet file, indexed once and read memory-mapped. ``builds`` counts index
+    builds in this process (a cached open does not build); ``built`` says whether this instance built its
+    index; ``stats`` has the counts."""
 
     builds = 0
 
@@ -106,11 +101,9 @@ class FileUserStore(UserStore):
             raise ValueError(f"long_examples must be 'error' or 'truncate', got {long_examples!r}")
         if not 0 <= test_fraction < 1:
             raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-        self.user_column, self.text_column = user_column, text_column
-        self.test_fraction = float(test_fraction)
-        self.min_examples = max(1, int(min_examples))
+        self.user_column, self.text_column, self.long_examples = user_column, text_column, long_examples
+        self.test_fraction, self.min_examples = float(test_fraction), max(1, int(min_examples))
         self.max_example_bytes = int(max_example_bytes)
-        self.long_examples = long_examples
         self.format = file_format or FORMATS.get(self.path.suffix.lower())
         if self.format not in ("jsonl", "csv", "parquet"):
             raise DataError(f"{self.path}: unknown file type {self.path.suffix!r} "
@@ -129,92 +122,86 @@ class FileUserStore(UserStore):
             FileUserStore.builds += int(self.built)
             if not self._load_meta():
                 raise DataError(f"{self.path}: could not read back the index built in {self.index_dir}")
-        self._open()
+        self._offsets = np.load(self.index_dir / "offsets.npy", mmap_mode="r")
+        self._examples_map = _MappedIPC(self.index_dir / "examples.arrow")
+        self._examples = self._examples_map.table.column("text")
+        self._names = _MappedIPC(self.index_dir / "users.arrow").table.column("user")
+        self._reads = 0
         n = len(self._offsets) - 1
         self._n = n if max_users is None else min(n, int(max_users))
 
-    # ---- cache --------------------------------------------------------------------------
     def _load_meta(self) -> bool:
         try:
             meta = json.loads((self.index_dir / "meta.json").read_text())
         except (OSError, ValueError):
-            if self.index_dir.exists():  # incomplete or corrupt: never trusted, rebuilt
-                shutil.rmtree(self.index_dir, ignore_errors=True)
-            return False
-        if meta.get("version") != INDEX_VERSION:
+            meta = {}
+        if meta.get("version") != INDEX_VERSION:  # missing, incomplete, corrupt or stale: never trusted, rebuilt
             shutil.rmtree(self.index_dir, ignore_errors=True)
             return False
         self.stats = meta
         return True
 
-    def _open(self) -> None:
-        d = self.index_dir
-        self._offsets = np.load(d / "offsets.npy", mmap_mode="r")
-        self._examples_map = _MappedIPC(d / "examples.arrow")
-        self._examples = self._examples_map.table.column("text")
-        self._names = _MappedIPC(d / "users.arrow").table.column("user")
-        self._reads = 0
-
     def _build(self) -> bool:
         root = self.index_dir.parent
         root.mkdir(parents=True, exist_ok=True)
-        with _BuildLock(root / f".{self.index_dir.name}.lock"):
+        with _build_lock(root / f".{self.index_dir.name}.lock"):
             if self._load_meta():  # another process built it while we waited
                 return False
-            self._build_locked(root)
-            return True
-
-    def _build_locked(self, root: Path) -> None:
-        t0 = time.perf_counter()
-        tmp = root / f".{self.index_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            stats = self._write_index(tmp)
-            stats["build_seconds"] = round(time.perf_counter() - t0, 3)
-            (tmp / "meta.json").write_text(json.dumps(stats, indent=1))
+            t0 = time.perf_counter()
+            tmp = root / f".{self.index_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
             try:
-                os.rename(tmp, self.index_dir)
-            except OSError:
-                if not (self.index_dir / "meta.json").is_file():  # not a concurrent winner: a real failure
-                    raise
-            log.info("%s: indexed %d users, %d examples in %.1fs (%d empty texts skipped, %d users dropped "
-                     "below min_examples=%d)", self.path, stats["users"], stats["examples"],
-                     stats["build_seconds"], stats["empty_texts_skipped"], stats["users_dropped"], self.min_examples)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            pa.default_memory_pool().release_unused()  # give the build's buffers back to the OS
-
-    def _write_index(self, tmp: Path) -> dict:
-        counts = {"rows_read": 0, "empty_texts_skipped": 0, "truncated": 0}
-        unsorted = tmp / "unsorted.arrow"
-        try:
-            self._pass1(self._batches(fast=True), unsorted, counts)
-        except _NeedLineReader:
-            counts = {"rows_read": 0, "empty_texts_skipped": 0, "truncated": 0}
-            self._pass1(self._batches(fast=False), unsorted, counts)
-        if counts["rows_read"] == 0:
-            raise DataError(f"{self.path}: no rows (the file has no data)")
-        stats = self._pass2(unsorted, tmp, counts)
-        unsorted.unlink()
-        return stats
+                unsorted = tmp / "unsorted.arrow"
+                try:
+                    counts = self._pass1(unsorted, fast=True)
+                except _NeedLineReader:
+                    counts = self._pass1(unsorted, fast=False)
+                stats = self._pass2(unsorted, tmp, counts)
+                unsorted.unlink()
+                stats["build_seconds"] = round(time.perf_counter() - t0, 3)
+                (tmp / "meta.json").write_text(json.dumps(stats, indent=1))
+                try:
+                    os.rename(tmp, self.index_dir)
+                except OSError:
+                    if not (self.index_dir / "meta.json").is_file():  # not a concurrent winner: a real failure
+                        raise
+                log.info("%s: indexed %d users, %d examples in %.1fs (%d empty texts skipped, %d users dropped "
+                         "below min_examples=%d)", self.path, stats["users"], stats["examples"],
+                         stats["build_seconds"], stats["empty_texts_skipped"], stats["users_dropped"],
+                         self.min_examples)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+                pa.default_memory_pool().release_unused()  # give the build's buffers back to the OS
+        return True
 
     # ---- pass 1: stream, validate, write (user, text) unsorted -------------------------
-    def _pass1(self, batches: Iterator[_Batch], out: Path, counts: dict) -> None:
+    def _pass1(self, out: Path, fast: bool) -> dict:
+        if self.format == "jsonl":
+            batches = self._jsonl_arrow_batches() if fast else self._jsonl_python_batches()
+        else:
+            batches = self._parquet_batches() if self.format == "parquet" else self._csv_batches()
+        counts = {"rows_read": 0, "empty_texts_skipped": 0, "truncated": 0}
         with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_file(sink, _SCHEMA) as writer:
             for b in batches:
                 counts["rows_read"] += len(b.user)
                 user, text = self._validate(b, counts)
                 if len(user):
                     writer.write_batch(pa.record_batch([user, text], schema=_SCHEMA))
+        if counts["rows_read"] == 0:
+            raise DataError(f"{self.path}: no rows (the file has no data)")
+        return counts
 
     def _fail(self, b: _Batch, i: int, what: str):
         if b.lines is None and self.format == "jsonl":
             raise _NeedLineReader()
         raise DataError(f"{self.path}: {b.where(i)}: {what}")
 
+    def _too_long(self, nbytes: int) -> str:
+        return (f"the text is {nbytes} bytes, over max_example_bytes={self.max_example_bytes} "
+                f"(raise data.max_example_bytes or set data.long_examples=truncate)")
+
     def _validate(self, b: _Batch, counts: dict) -> tuple[pa.Array, pa.Array]:
         user, text = b.user, b.text
-        # user ids: present, as strings
         if user.null_count:
             self._fail(b, _first_true(pc.is_null(user)), f"the user id ({self.user_column!r}) is missing or null")
         if not pa.types.is_string(user.type):
@@ -225,42 +212,29 @@ class FileUserStore(UserStore):
         empty = pc.equal(pc.binary_length(user), 0)
         if pc.any(empty).as_py():
             self._fail(b, _first_true(empty), f"the user id ({self.user_column!r}) is empty")
-        # text: UTF-8 strings
-        if pa.types.is_large_string(text.type) or pa.types.is_large_binary(text.type):
-            text = text.cast(pa.binary() if pa.types.is_large_binary(text.type) else pa.string())
-        if pa.types.is_binary(text.type):
-            try:
-                text = text.cast(pa.string())
-            except pa.ArrowInvalid:
-                self._fail(b, _first_bad_utf8(text), "the text is not valid UTF-8")
-        elif pa.types.is_string(text.type):
-            try:
-                text.validate(full=True)
-            except pa.ArrowInvalid:
-                self._fail(b, _first_bad_utf8(text.view(pa.binary())), "the text is not valid UTF-8")
-        elif pa.types.is_null(text.type):
+        if pa.types.is_null(text.type):
             text = pa.nulls(len(text), pa.string())
-        else:
+        elif text.type not in (pa.string(), pa.large_string(), pa.binary(), pa.large_binary()):
             self._fail(b, 0, f"the text column ({self.text_column!r}) has type {text.type}, not text")
-        # null / empty texts: skipped and counted
+        else:
+            raw = text.cast(pa.binary())  # zero copy for (non-large) strings
+            try:
+                text = raw.cast(pa.string())  # checks UTF-8
+            except pa.ArrowInvalid:
+                self._fail(b, _first_bad_utf8(raw), "the text is not valid UTF-8")
         lengths = pc.binary_length(text)
         keep = pc.fill_null(pc.greater(lengths, 0), False)
         n_keep = pc.sum(keep).as_py() or 0
+        rows = None  # the kept rows' places in the batch, when some were skipped
         if n_keep < len(text):
             counts["empty_texts_skipped"] += len(text) - n_keep
             user, text, lengths = user.filter(keep), text.filter(keep), lengths.filter(keep)
             rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
-        else:
-            rows = None
-        # too long: error or truncate at the byte limit
         if len(text) and pc.max(lengths).as_py() > self.max_example_bytes:
             over = np.flatnonzero(lengths.to_numpy() > self.max_example_bytes)
             if self.long_examples == "error":
                 i = int(over[0])
-                self._fail(b, int(rows[i]) if rows is not None else i,
-                           f"the text is {lengths[i].as_py()} bytes, over max_example_bytes="
-                           f"{self.max_example_bytes} (raise data.max_example_bytes or set "
-                           f"data.long_examples=truncate)")
+                self._fail(b, int(rows[i]) if rows is not None else i, self._too_long(lengths[i].as_py()))
             values = text.to_pylist()
             for i in over.tolist():
                 values[i] = values[i].encode("utf-8")[: self.max_example_bytes].decode("utf-8", "ignore")
@@ -268,19 +242,11 @@ class FileUserStore(UserStore):
             counts["truncated"] += int(over.size)
         return user, text
 
-    # ---- readers ---------------------------------------------------------------------
-    def _batches(self, fast: bool) -> Iterator[_Batch]:
-        if self.format == "parquet":
-            return self._parquet_batches()
-        if self.format == "csv":
-            return self._csv_batches()
-        return self._jsonl_arrow_batches() if fast else self._jsonl_python_batches()
-
-    def _missing(self, names: list[str]) -> None:
+    def _missing(self, names: list[str], where: str = "", noun: str = "columns") -> None:
         for col, what in ((self.user_column, "user"), (self.text_column, "text")):
             if col not in names:
-                raise DataError(f"{self.path}: no {what} column {col!r} (columns: {', '.join(map(str, names))}); "
-                                f"set data.{what}_column")
+                raise DataError(f"{self.path}: {where}no {what} column {col!r} "
+                                f"({noun}: {', '.join(map(str, names))}); set data.{what}_column")
 
     def _parquet_batches(self) -> Iterator[_Batch]:
         import pyarrow.parquet as pq
@@ -290,53 +256,43 @@ class FileUserStore(UserStore):
         except (pa.ArrowInvalid, OSError) as exc:
             raise DataError(f"{self.path}: not a readable Parquet file ({exc})") from None
         self._missing(pf.schema_arrow.names)
-        row = 0
-        it = pf.iter_batches(batch_size=BATCH_ROWS, columns=[self.user_column, self.text_column])
-        while True:
-            try:
-                rb = next(it)
-            except StopIteration:
-                return
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise DataError(f"{self.path}: unreadable Parquet data after row {row} ({exc})") from None
-            yield _Batch(rb.column(self.user_column), rb.column(self.text_column), row)
-            row += rb.num_rows
+        batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=[self.user_column, self.text_column])
+        yield from self._batches_of(batches.__next__, lambda exc, row: DataError(
+            f"{self.path}: unreadable Parquet data after row {row} ({exc})"), (pa.ArrowInvalid, OSError))
 
     def _csv_batches(self) -> Iterator[_Batch]:
         import pyarrow.csv as pcsv
 
-        bad = []
-
-        def on_invalid(r):
-            bad.append(r)
-            return "error"
-
+        bad = []  # rows the invalid-row handler saw (kept for the message; the read then fails)
         block = max(1 << 24, 2 * self.max_example_bytes + 65_536)
         try:
             reader = pcsv.open_csv(
                 str(self.path), read_options=pcsv.ReadOptions(use_threads=False, block_size=block),
-                parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid),
+                parse_options=pcsv.ParseOptions(newlines_in_values=True,
+                                                invalid_row_handler=lambda r: bad.append(r) or "error"),
                 convert_options=pcsv.ConvertOptions(
                     column_types={self.user_column: pa.string(), self.text_column: pa.binary()},
                     include_columns=[self.user_column, self.text_column], strings_can_be_null=False,
                     quoted_strings_can_be_null=False))
         except pa.ArrowKeyError:
-            self._missing(_csv_header(self.path))
+            with open(self.path, newline="", encoding="utf-8", errors="replace") as f:
+                self._missing(next(csv.reader(f), []))
             raise
         except pa.ArrowInvalid as exc:
             raise self._csv_error(exc, bad, 0) from None
-        yield from self._batches_of(reader, lambda exc, row: self._csv_error(exc, bad, row))
+        yield from self._batches_of(reader.read_next_batch, lambda exc, row: self._csv_error(exc, bad, row))
 
-    def _batches_of(self, reader, error: Callable[[Exception, int], Exception]) -> Iterator[_Batch]:
-        """The record batches of an Arrow reader as `_Batch`es; a read error (after `row` rows)
+    def _batches_of(self, next_batch: Callable[[], pa.RecordBatch], error: Callable[[Exception, int], Exception],
+                    errors: tuple = (pa.ArrowInvalid,)) -> Iterator[_Batch]:
+        """The record batches of `next_batch()` as `_Batch`es; a read error in `errors` (after `row` rows)
         becomes `error(exc, row)`, and so does a batch without the user or text column."""
         row = 0
         while True:
             try:
-                rb = reader.read_next_batch()
+                rb = next_batch()
             except StopIteration:
                 return
-            except pa.ArrowInvalid as exc:
+            except errors as exc:
                 raise error(exc, row) from None
             if self.user_column not in rb.schema.names or self.text_column not in rb.schema.names:
                 raise error(KeyError(self.user_column), row)
@@ -349,9 +305,8 @@ class FileUserStore(UserStore):
             where = f"row {r.number - 1}" if r.number and r.number > 1 else f"after row {row}"
             return DataError(f"{self.path}: {where}: expected {r.expected_columns} columns, got "
                              f"{r.actual_columns}: {r.text[:80]!r}")
-        if row == 0:
-            return DataError(f"{self.path}: not a readable CSV file ({exc})")
-        return DataError(f"{self.path}: CSV error after row {row} ({exc})")
+        what = "not a readable CSV file" if row == 0 else f"CSV error after row {row}"
+        return DataError(f"{self.path}: {what} ({exc})")
 
     def _jsonl_arrow_batches(self) -> Iterator[_Batch]:
         """Arrow's JSON reader (fast). Anything it cannot read, or cannot place on a line
@@ -361,61 +316,47 @@ class FileUserStore(UserStore):
         block = max(1 << 24, 2 * self.max_example_bytes + 65_536)
         try:
             reader = pj.open_json(str(self.path), read_options=pj.ReadOptions(use_threads=False, block_size=block))
-            yield from self._batches_of(reader, lambda exc, row: _NeedLineReader())
+            yield from self._batches_of(reader.read_next_batch, lambda exc, row: _NeedLineReader())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, UnicodeDecodeError, ValueError):
             raise _NeedLineReader() from None
 
     def _jsonl_python_batches(self) -> Iterator[_Batch]:
         """Line by line with `json`: slower, exact line numbers in every error."""
-        users, texts, lines, row = [], [], [], 0
-        limit = self.max_example_bytes
         with open(self.path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{self.path}: line {lineno}"
-                try:
-                    s = raw.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as exc:
-                    raise DataError(f"{where}: not valid UTF-8 (byte {exc.start} of the line)") from None
-                try:
-                    obj = json.loads(s)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                                    f"expected JSON Lines, one object per line") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                for col, what in ((self.user_column, "user"), (self.text_column, "text")):
-                    if col not in obj:
-                        raise DataError(f"{where}: no {what} column {col!r} (fields: {', '.join(obj)}); "
-                                        f"set data.{what}_column")
-                u, t = obj[self.user_column], obj[self.text_column]
-                if u is not None:
-                    if isinstance(u, (dict, list)):
-                        raise DataError(f"{where}: the user id is a JSON {type(u).__name__}, not a string or number")
-                    u = str(u)
-                if t is not None:
-                    if not isinstance(t, str):
-                        raise DataError(f"{where}: the text is a JSON {type(t).__name__}, not a string")
-                    try:
-                        t.encode("utf-8")
-                    except UnicodeEncodeError:
-                        raise DataError(f"{where}: the text is not valid UTF-8 (a lone surrogate escape)") from None
-                    if len(t) > limit // 4 and len(t.encode("utf-8")) > limit and self.long_examples == "error":
-                        raise DataError(f"{where}: the text is {len(t.encode('utf-8'))} bytes, over "
-                                        f"max_example_bytes={limit} (raise data.max_example_bytes or set "
-                                        f"data.long_examples=truncate)")
-                users.append(u)
-                texts.append(t)
-                lines.append(lineno)
-                if len(users) == BATCH_ROWS:
-                    yield _Batch(pa.array(users, pa.string()), pa.array(texts, pa.string()), row,
-                                 np.asarray(lines, dtype=np.int64))
-                    row += len(users)
-                    users, texts, lines = [], [], []
-        if users:
-            yield _Batch(pa.array(users, pa.string()), pa.array(texts, pa.string()), row,
-                         np.asarray(lines, dtype=np.int64))
+            rows = ((lineno, *self._json_row(raw, lineno)) for lineno, raw in enumerate(f, 1) if raw.strip())
+            first_row = 0
+            while chunk := list(itertools.islice(rows, BATCH_ROWS)):
+                lines, users, texts = zip(*chunk)
+                yield _Batch(pa.array(users, pa.string()), pa.array(texts, pa.string()), first_row,
+                             np.asarray(lines, dtype=np.int64))
+                first_row += len(chunk)
+
+    def _json_row(self, raw: bytes, lineno: int) -> tuple[str | None, str | None]:
+        """(user id, text) of one JSON line; a long text fails here, before its batch is held in memory."""
+        where = f"line {lineno}: "
+        try:
+            obj = json.loads(raw.decode("utf-8").rstrip("\r\n"))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{self.path}: {where}not valid UTF-8 (byte {exc.start} of the line)") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{self.path}: {where}malformed JSON ({exc.msg} at column {exc.colno}); "
+                            f"expected JSON Lines, one object per line") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{self.path}: {where}expected a JSON object, got {type(obj).__name__}")
+        self._missing(list(obj), where, "fields")
+        u, t = obj[self.user_column], obj[self.text_column]
+        if isinstance(u, (dict, list)):
+            raise DataError(f"{self.path}: {where}the user id is a JSON {type(u).__name__}, not a string or number")
+        if t is not None:
+            if not isinstance(t, str):
+                raise DataError(f"{self.path}: {where}the text is a JSON {type(t).__name__}, not a string")
+            try:
+                nbytes = len(t.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise DataError(f"{self.path}: {where}the text is not valid UTF-8 (a lone surrogate escape)") from None
+            if nbytes > self.max_example_bytes and self.long_examples == "error":
+                raise DataError(f"{self.path}: {where}{self._too_long(nbytes)}")
+        return None if u is None else str(u), t
 
     # ---- pass 2: number users, drop small ones, write rows sorted by user -------------
     def _pass2(self, unsorted: Path, tmp: Path, counts: dict) -> dict:
@@ -424,9 +365,7 @@ class FileUserStore(UserStore):
         if not batches:
             raise DataError(f"{self.path}: no examples: all {counts['rows_read']} rows have an empty or null text")
         users = pa.chunked_array([b.column(0) for b in batches], pa.string())
-        uniq = pc.unique(users)
-        order = _id_order(uniq)
-        uniq = uniq.take(order)
+        uniq = _sorted_ids(pc.unique(users))
         codes = pc.index_in(users, value_set=uniq).to_numpy().astype(np.int64)
         del users
         mapped.release()
@@ -443,10 +382,9 @@ class FileUserStore(UserStore):
         offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
         np.cumsum(per_user[keep], out=offsets[1:])
         np.save(tmp / "offsets.npy", offsets)
-        names = uniq.filter(pa.array(keep))
         with pa.OSFile(str(tmp / "users.arrow"), "wb") as sink, \
                 pa.ipc.new_file(sink, pa.schema([("user", pa.string())])) as w:
-            w.write_table(pa.table({"user": names}), max_chunksize=1 << 20)
+            w.write_table(pa.table({"user": uniq.filter(pa.array(keep))}), max_chunksize=1 << 20)
         starts = np.zeros(len(batches) + 1, dtype=np.int64)
         np.cumsum([b.num_rows for b in batches], out=starts[1:])
         texts = [b.column(1) for b in batches]
@@ -458,13 +396,11 @@ class FileUserStore(UserStore):
         del texts, batches
         mapped.close()
         return {"version": INDEX_VERSION, "file": str(self.path), "format": self.format,
-                "user_column": self.user_column, "text_column": self.text_column,
-                **counts, "users": int(keep.sum()), "examples": int(offsets[-1]),
-                "users_dropped": int((~keep).sum()), "rows_dropped": int(per_user[~keep].sum()),
-                "min_examples": self.min_examples, "max_example_bytes": self.max_example_bytes,
-                "long_examples": self.long_examples}
+                "user_column": self.user_column, "text_column": self.text_column, **counts,
+                "users": int(keep.sum()), "examples": int(offsets[-1]), "users_dropped": int((~keep).sum()),
+                "rows_dropped": int(per_user[~keep].sum()), "min_examples": self.min_examples,
+                "max_example_bytes": self.max_example_bytes, "long_examples": self.long_examples}
 
-    # ---- the store -------------------------------------------------------------------
     @property
     def num_users(self) -> int:
         return self._n
@@ -480,7 +416,11 @@ class FileUserStore(UserStore):
         n = self.example_counts()
         return n - split_test_counts(n, self.test_fraction)
 
-    def _rows(self, start: int, stop: int) -> list[str]:
+    def _read(self, user: int, held_out: bool) -> list[str]:
+        u = self._check_user(user)
+        a, b = int(self._offsets[u]), int(self._offsets[u + 1])
+        m = b - split_test_count(b - a, self.test_fraction)
+        start, stop = (m, b) if held_out else (a, m)
         if stop <= start:
             return []
         out = self._examples.slice(start, stop - start).to_pylist()  # copies into Python strings
@@ -489,29 +429,21 @@ class FileUserStore(UserStore):
             self._examples_map.release()
         return out
 
-    def _split(self, user: int) -> tuple[int, int, int]:
-        u = self._check_user(user)
-        a, b = int(self._offsets[u]), int(self._offsets[u + 1])
-        return a, b - split_test_count(b - a, self.test_fraction), b
-
     def train_examples(self, user: int) -> list[str]:
-        a, m, _ = self._split(user)
-        return self._rows(a, m)
+        return self._read(user, held_out=False)
 
     def test_examples(self, user: int) -> list[str]:
-        _, m, b = self._split(user)
-        return self._rows(m, b)
+        return self._read(user, held_out=True)
 
     def user_name(self, user: int) -> str:
         return self._names[self._check_user(user)].as_py()
 
 
 class _MappedIPC:
-    """An Arrow IPC file mapped read-only (zero copy), whose touched pages can be dropped
-    from this process's RSS: `release()` (madvise DONTNEED on a shared read-only file
-    mapping) unmaps them; the data stays in the page cache and is faulted back on the next
-    read. Without it, RSS would grow towards the file size as users are read (on this
-    kernel a fault maps a whole page-cache folio, ~1 MB per user read)."""
+    """An Arrow IPC file mapped read-only (zero copy), whose touched pages can be dropped from this process's
+    RSS: `release()` (madvise DONTNEED on a shared read-only file mapping) unmaps them; the data stays in the
+    page cache and is faulted back on the next read. Without it, RSS would grow towards the file size as
+    users are read (on this kernel a fault maps a whole page-cache folio, ~1 MB per user read)."""
 
     def __init__(self, path: Path):
         with open(path, "rb") as f:
@@ -526,37 +458,20 @@ class _MappedIPC:
 
     def close(self) -> None:
         self.batches = self.table = None
-        try:
+        with contextlib.suppress(BufferError):  # arrays still point into the mapping: leave it to the GC
             self._mm.close()
-        except BufferError:  # arrays still point into the mapping: leave it to the GC
-            pass
 
 
-class _BuildLock:
-    """An exclusive lock file around a build, so concurrent workers build an index once."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self._f = open(self.path, "a+")
-        try:
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """An exclusive lock file around a build, so concurrent workers build an index once.
+    Closing the file releases the lock; the empty lock file stays (harmless)."""
+    with open(path, "a+") as f:
+        with contextlib.suppress(ImportError):  # no flock (Windows): the atomic rename still keeps the cache whole
             import fcntl
 
-            fcntl.flock(self._f, fcntl.LOCK_EX)
-        except ImportError:  # no flock (Windows): the atomic rename still keeps the cache whole
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()  # closing releases the lock; the empty lock file stays (harmless)
-
-
-def _csv_header(path: Path) -> list[str]:
-    import csv
-
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        return next(csv.reader(f), [])
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _first_true(mask: pa.Array) -> int:
@@ -573,15 +488,13 @@ def _first_bad_utf8(values: pa.Array) -> int:
     return 0
 
 
-def _id_order(uniq: pa.Array) -> pa.Array:
-    """Sort order of the distinct user ids: numeric when all are integers, else bytewise."""
-    try:
+def _sorted_ids(uniq: pa.Array) -> pa.Array:
+    """The distinct user ids, sorted numerically when all are integers, else bytewise."""
+    with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError):
         as_int = uniq.cast(pa.int64())
         if pc.all(pc.equal(as_int.cast(pa.string()), uniq)).as_py():  # "007" stays a string id
-            return pc.sort_indices(as_int)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    return pc.sort_indices(uniq)
+            return uniq.take(pc.sort_indices(as_int))
+    return uniq.take(pc.sort_indices(uniq))
 
 
 def _take_rows(chunks: list[pa.Array], starts: np.ndarray, rows: np.ndarray) -> pa.Array:
@@ -589,13 +502,8 @@ def _take_rows(chunks: list[pa.Array], starts: np.ndarray, rows: np.ndarray) -> 
     chunks that hold them (a ChunkedArray.take would concatenate every chunk first)."""
     which = np.searchsorted(starts, rows, side="right") - 1
     perm = np.argsort(which, kind="stable")
-    sorted_which = which[perm]
-    bounds = np.flatnonzero(np.diff(sorted_which)) + 1
     pieces = []
-    for seg in np.split(perm, bounds):
+    for seg in np.split(perm, np.flatnonzero(np.diff(which[perm])) + 1):
         c = int(which[seg[0]])
         pieces.append(chunks[c].take(pa.array(rows[seg] - starts[c])))
-    gathered = pa.concat_arrays(pieces)
-    inverse = np.empty_like(perm)
-    inverse[perm] = np.arange(perm.size)
-    return gathered.take(pa.array(inverse))
+    return pa.concat_arrays(pieces).take(pa.array(np.argsort(perm)))  # back to the given order

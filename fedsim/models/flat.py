@@ -3,8 +3,7 @@
 Every trainable parameter is re-pointed to a view of a single contiguous vector, so
 "reset to the global weights", "delta = local - global" and "clip" are one vector op
 each instead of a Python loop over tensors (on a small model that loop costs as much as
-the training step). Gradients get the same treatment: `flat_grad` is one buffer whose
-views are the parameters' `.grad`.
+the training step). Gradients too: the parameters' `.grad` are views of `flat_grad`.
 """
 
 from __future__ import annotations
@@ -14,27 +13,23 @@ import torch
 
 class FlatParams:
     def __init__(self, model: torch.nn.Module):
-        self.names: list[str] = []
-        self.params: list[torch.nn.Parameter] = []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                self.names.append(name)
-                self.params.append(p)
-        if not self.params:
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("the model has no trainable parameters")
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
         dev, dtype = self.params[0].device, self.params[0].dtype
         self.numel = sum(p.numel() for p in self.params)
         self.flat = torch.empty(self.numel, device=dev, dtype=dtype)
         self.flat_grad = torch.zeros(self.numel, device=dev, dtype=dtype)
-        off = 0
+        self.slices, off = [], 0
+        for p in self.params:
+            self.slices.append(slice(off, off + p.numel()))
+            off += p.numel()
+        self.grad_views = [self.flat_grad[s].view_as(p) for s, p in zip(self.slices, self.params)]
         with torch.no_grad():
-            for p in self.params:
-                n = p.numel()
-                self.flat[off : off + n].copy_(p.reshape(-1))
-                p.data = self.flat[off : off + n].view_as(p)
-                p.grad = self.flat_grad[off : off + n].view_as(p)
-                off += n
-        self.shapes = [tuple(p.shape) for p in self.params]
+            for s, p, g in zip(self.slices, self.params, self.grad_views):
+                self.flat[s].copy_(p.reshape(-1))
+                p.data, p.grad = self.flat[s].view_as(p), g
 
     def get(self) -> torch.Tensor:
         return self.flat.detach().clone()
@@ -47,22 +42,12 @@ class FlatParams:
 
     def zero_grad(self) -> None:
         self.flat_grad.zero_()
-        for p, off in zip(self.params, self._offsets()):  # re-attach if an optimizer set grad=None
-            if p.grad is None or p.grad.data_ptr() != self.flat_grad[off].data_ptr():
-                p.grad = self.flat_grad[off : off + p.numel()].view_as(p)
-
-    def _offsets(self):
-        off = 0
-        for p in self.params:
-            yield off
-            off += p.numel()
+        for p, g in zip(self.params, self.grad_views):  # re-attach if an optimizer set grad=None
+            if p.grad is None or p.grad.data_ptr() != g.data_ptr():
+                p.grad = g
 
     def state_dict(self, vec: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Named tensors (for safetensors) from the flat vector (default: current weights)."""
         vec = self.flat if vec is None else vec
-        out, off = {}, 0
-        for name, shape, p in zip(self.names, self.shapes, self.params):
-            n = p.numel()
-            out[name] = vec[off : off + n].detach().reshape(shape).contiguous().cpu().clone()
-            off += n
-        return out
+        return {name: vec[s].detach().reshape(p.shape).contiguous().cpu().clone()
+                for name, s, p in zip(self.names, self.slices, self.params)}

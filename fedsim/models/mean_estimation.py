@@ -20,14 +20,14 @@ probability p; per-example gradients w - x are clipped to C, summed, noised, div
 p N k; w <- w - eta g. Compute: the sampled examples.
 
 Both run replicas [seed, mechanism group, learning rate] at once; a group is one
-`NoiseMechanism` (a clip norm and a calibrated noise), so one call covers every
-(epsilon, C) pair of a sweep cell with common random numbers. The privacy pieces are
-fedsim's own: the mechanisms' `add_noise`, calibration and the ELS accountant (see
-`bench/mean_estimation_sweep.py`).
+`NoiseMechanism` (a clip norm and a calibrated noise), so one call covers every (epsilon, C)
+pair of a sweep cell with common random numbers. The privacy pieces (`add_noise`, calibration,
+the ELS accountant) are fedsim's own (`bench/mean_estimation_sweep.py`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,27 +70,6 @@ def _clip_rows(v: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     return v * (clip / (v.norm(dim=-1, keepdim=True) + 1e-6)).clamp(max=1.0)
 
 
-def _noise_and_scale(total: torch.Tensor, mechanisms: list[NoiseMechanism], stream) -> torch.Tensor:
-    """Each mechanism adds its noise to its own group's sums (dim 1 of [S, G, L, d])."""
-    for g, mech in enumerate(mechanisms):
-        part = total[:, g].contiguous()
-        mech.add_noise(part, stream)
-        total[:, g] = part
-    return total
-
-
-def _noise_stream(noise_seed: int, purpose: str):
-    """The study's noise keystream: reproducible (synthetic users, no real data to protect),
-    drawn by the same code as a real run's noise."""
-    from fedsim.privacy.randomness import SecretRandomness
-
-    return SecretRandomness.from_seed(noise_seed).stream(purpose, 0)
-
-
-def _clips(mechanisms: list[NoiseMechanism]) -> torch.Tensor:
-    return torch.tensor([m.clip_norm for m in mechanisms]).view(1, -1, 1, 1)
-
-
 def _poisson_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Indices of each row's sampled items, padded: (index [S, W], valid [S, W] float, W)."""
     counts = mask.sum(1)
@@ -100,36 +79,52 @@ def _poisson_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return order, valid, width
 
 
+def _dp_replicas(update, *, iterations: int, pool: int, rate: float, mechanisms: list[NoiseMechanism],
+                 lrs: torch.Tensor, seeds: int, d: int, seed: int, purpose: str, cost: tuple = ()):
+    """The loop both methods share (w [S, G, L, d]): per seed a Poisson(rate) sample of the `pool`
+    items, padded to the largest (padding masked out; an empty one releases noise only); each sampled
+    item's `update(w, index, width)` [S, G, L, W, d] clipped to its group's C, summed and noised;
+    w += lrs * sum / (rate * pool). Returns (w, compute: sampled items times `cost`)."""
+    groups, lr = len(mechanisms), lrs.reshape(1, 1, -1, 1)
+    clip = torch.tensor([m.clip_norm for m in mechanisms]).view(1, -1, 1, 1, 1)  # against [S, G, L, W, d]
+    w = torch.zeros(seeds, groups, lr.shape[2], d)
+    gen = torch.Generator().manual_seed(seed)  # samples (a simulation: public is fine here)
+    # the noise keystream: reproducible (synthetic users, no real data to protect), drawn by the
+    # same code as a real run's noise
+    from fedsim.privacy.randomness import SecretRandomness
+
+    noise = SecretRandomness.from_seed(seed).stream(purpose, 0)
+    compute = 0.0
+    for _ in range(iterations):
+        idx, valid, width = _poisson_rows(torch.rand(seeds, pool, generator=gen) < rate)
+        compute += math.prod((float(valid.sum(1).mean()), *cost))
+        total = torch.zeros(seeds, groups, lr.shape[2], d)
+        if width:
+            total = torch.einsum("sw,sglwd->sgld", valid, _clip_rows(update(w, idx, width), clip))
+        for g, mech in enumerate(mechanisms):  # each group's noise on its own sums
+            part = total[:, g].contiguous()
+            mech.add_noise(part, noise)
+            total[:, g] = part
+        w = w + lr * total / (rate * pool)
+    return w, compute
+
+
 def run_uls(examples: torch.Tensor, mu: torch.Tensor, *, rounds: int, q: float, mechanisms: list[NoiseMechanism],
             server_lrs: torch.Tensor, seeds: int, examples_per_user: int | None = None, local_lr: float = 1.0,
             local_epochs: int = 1, noise_seed: int = 0) -> dict:
     """ULS for replicas [seed, mechanism group, server lr]; returns excess losses [S, G, L] and compute.
-
-    A sampled user trains on its first `examples_per_user` examples (all by default). A
-    group is one mechanism (its clip norm and noise); every group sees the same cohorts."""
+    A sampled user trains on its first `examples_per_user` examples (all by default); every group
+    sees the same cohorts."""
     n, m, d = examples.shape
     used = m if examples_per_user is None else examples_per_user
     if not 1 <= used <= m:
         raise ValueError(f"examples_per_user must be in 1..{m}, got {used}")
-    groups, lr = len(mechanisms), server_lrs.reshape(1, 1, -1, 1)
-    clip = _clips(mechanisms).unsqueeze(-1)  # [1, G, 1, 1, 1] against [S, G, L, W, d]
-    w = torch.zeros(seeds, groups, lr.shape[2], d)
     xbar = examples[:, :used].mean(1)  # [N, d]
     shrink = 1.0 - (1.0 - local_lr) ** local_epochs
-    gen = torch.Generator().manual_seed(noise_seed)  # cohorts (a simulation: public is fine here)
-    noise = _noise_stream(noise_seed, "mean-estimation-uls-noise")
-    compute = 0.0
-    for _ in range(rounds):
-        # Poisson cohort per seed (possibly empty)
-        idx, valid, width = _poisson_rows(torch.rand(seeds, n, generator=gen) < q)
-        compute += float(valid.sum(1).mean()) * used * local_epochs
-        total = torch.zeros(seeds, groups, lr.shape[2], d)
-        if width:
-            # local training (closed form), clip each user's delta, sum over the cohort
-            delta = shrink * (xbar[idx].view(seeds, 1, 1, width, d) - w.unsqueeze(3))  # [S, G, L, W, d]
-            total = torch.einsum("sw,sglwd->sgld", valid, _clip_rows(delta, clip))
-        # noise from each group's mechanism, divide by the expected cohort, server step
-        w = w + lr * _noise_and_scale(total, mechanisms, noise) / (q * n)
+    w, compute = _dp_replicas(  # a cohort's closed-form local training
+        lambda w, idx, width: shrink * (xbar[idx].view(seeds, 1, 1, width, d) - w.unsqueeze(3)),
+        iterations=rounds, pool=n, rate=q, mechanisms=mechanisms, lrs=server_lrs, seeds=seeds, d=d,
+        seed=noise_seed, purpose="mean-estimation-uls-noise", cost=(used, local_epochs))
     return {"excess_loss": MeanEstimationProblem.excess_loss(w, mu), "compute": compute}
 
 
@@ -137,24 +132,12 @@ def run_els(examples: torch.Tensor, mu: torch.Tensor, *, steps: int, k: int, p: 
             mechanisms: list[NoiseMechanism], lrs: torch.Tensor, seeds: int, noise_seed: int = 0) -> dict:
     """ELS for replicas [seed, mechanism group, lr]: users keep their first k examples (i.i.d.,
     so a random choice), Poisson(p) example sampling, per-example clipping, noise, / (p N k)."""
-    n, m, d = examples.shape
+    _, m, d = examples.shape
     if not 1 <= k <= m:
         raise ValueError(f"k must be in 1..{m}, got {k}")
     kept = examples[:, :k].reshape(-1, d)  # [M, d]
-    big_m, groups, lr = kept.shape[0], len(mechanisms), lrs.reshape(1, 1, -1, 1)
-    clip = _clips(mechanisms).unsqueeze(-1)  # [1, G, 1, 1, 1] against [S, G, L, W, d]
-    w = torch.zeros(seeds, groups, lr.shape[2], d)
-    gen = torch.Generator().manual_seed(noise_seed + 1)  # samples (a simulation: public is fine here)
-    noise = _noise_stream(noise_seed + 1, "mean-estimation-els-noise")
-    compute = 0.0
-    for _ in range(steps):
-        # Poisson sample per seed, padded to the largest batch (padding is masked out)
-        idx, valid, width = _poisson_rows(torch.rand(seeds, big_m, generator=gen) < p)
-        compute += float(valid.sum(1).mean())
-        total = torch.zeros(seeds, groups, lr.shape[2], d)
-        if width:  # an empty batch releases noise only
-            g = w.unsqueeze(3) - kept[idx].view(seeds, 1, 1, width, d)  # [S, G, L, W, d]
-            total = torch.einsum("sw,sglwd->sgld", valid, _clip_rows(g, clip))
-        # noise, divide by the expected batch, step
-        w = w - lr * _noise_and_scale(total, mechanisms, noise) / (p * big_m)
+    w, compute = _dp_replicas(  # per-example gradients w - x; the step is w -= lr g (a negated lr)
+        lambda w, idx, width: w.unsqueeze(3) - kept[idx].view(seeds, 1, 1, width, d),
+        iterations=steps, pool=kept.shape[0], rate=p, mechanisms=mechanisms, lrs=-lrs, seeds=seeds, d=d,
+        seed=noise_seed + 1, purpose="mean-estimation-els-noise")
     return {"excess_loss": MeanEstimationProblem.excess_loss(w, mu), "compute": compute}

@@ -19,9 +19,6 @@ class ByteTokenizer:
             mask[i, : len(b)] = 1
         return ids, mask
 
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
-
 
 class HFTokenizerAdapter:
     """Same interface over a transformers tokenizer (local models bring their own)."""
@@ -36,6 +33,3 @@ class HFTokenizerAdapter:
     def encode_batch(self, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tok(list(texts), max_length=seq_len, truncation=True, padding="max_length", return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(ids)

@@ -1,21 +1,19 @@
 """Where a run's epsilon is computed: dp_accounting `PrivacyAccountant`s, found by name.
 
-Every release fedsim makes is a `dp_accounting.dp_event.DpEvent` (the ledger stores them).
-An accountant composes events (`compose(event, count)`) and answers `get_epsilon(delta)` and
-`get_delta(epsilon)`; a run's budget holds one live accountant (`privacy/budget.py`).
-`make_accountant(name)`:
+Every release is a `dp_accounting.dp_event.DpEvent` (the ledger stores them); an accountant
+composes events and answers `get_epsilon(delta)` / `get_delta(epsilon)`. `make_accountant(name)`:
 
 * ``pld`` -- dp_accounting's `PLDAccountant` (add/remove neighbours, pessimistic
   discretisation: an upper bound up to the connect-the-dots construction of Doroshenko et
-  al., arXiv 2207.04380), with each distinct release's PLD built once (`_leaf_pld`). The
-  default and the tightest. It also accounts for the ELS step (`MixtureOfGaussiansDpEvent`).
+  al., arXiv 2207.04380), each distinct release's PLD built once (`_leaf_pld`). The default,
+  the tightest, and it accounts for the ELS step (`MixtureOfGaussiansDpEvent`) too.
 * ``rdp`` -- dp_accounting's `RdpAccountant` (Mironov 2017; subsampled Gaussian by Mironov,
   Talwar, Zhang 2019; conversion by Canonne, Kamath, Steinke 2020, Prop. 12). Looser.
 * ``prv`` (`privacy/prv.py`), ``edgeworth`` (`privacy/edgeworth.py`), ``lmo_faithful``
   (`privacy/lmo/faithful.py`): fedsim's own, subclasses of `ReleaseCounter` below.
 
-An accountant with ``is_upper_bound = False`` (the Edgeworth approximation) can never be
-named by a run; only upper bounds report a run's epsilon.
+Only upper bounds are named here; the Edgeworth approximation (``is_upper_bound = False``)
+cannot report a run's epsilon.
 """
 
 from __future__ import annotations
@@ -59,10 +57,8 @@ def check_steps(steps: int, name: str = "steps") -> None:
 
 
 def poisson_gaussian_event(q: float, noise_multiplier: float, steps: int) -> dp_event.DpEvent:
-    """T rounds of a Poisson-subsampled Gaussian: the ULS (DP-FedAvg) release.
-
-    One round releases sum_u clip(Delta_u) + N(0, (sigma C)^2 I) over a Poisson(q) cohort;
-    with add/remove-one-user neighbours its sensitivity is C, so sigma = std / C."""
+    """T ULS rounds: sum_u clip(Delta_u) + N(0, (sigma C)^2 I) over a Poisson(q) cohort; with
+    add/remove-one-user neighbours the sensitivity is C, so sigma = std / C."""
     check_sampling_rate(q)
     check_positive(noise_multiplier, "noise_multiplier")
     check_steps(steps)
@@ -140,25 +136,11 @@ class ReleaseCounter(dpa.PrivacyAccountant):
 # -- dp_accounting's accountants --------------------------------------------------------------------
 
 
-def _mixture_key(event) -> tuple | None:
-    """(sigma, sensitivities, probabilities) of a release dp_accounting's PLD builds as one
-    subsampled-Gaussian or mixture-of-Gaussians PLD; None for anything else."""
-    if isinstance(event, dp_event.PoissonSampledDpEvent) and isinstance(event.event, dp_event.GaussianDpEvent):
-        q, sigma = float(event.sampling_probability), float(event.event.noise_multiplier)
-        return None if q == 0 or sigma == 0 else (sigma, None, q)
-    if isinstance(event, dp_event.MixtureOfGaussiansDpEvent) and event.standard_deviation != 0:
-        sens = tuple(float(c) for c in event.sensitivities)
-        return None if sens in ((0.0,), ()) else (float(event.standard_deviation), sens,
-                                                  tuple(float(p) for p in event.sampling_probs))
-    return None
-
-
 @functools.lru_cache(maxsize=16)  # the budget guard needs one or two; calibration searches fill more
-def _cached_pld(key: tuple, interval: float):
+def _cached_pld(sigma: float, sens: tuple | None, probs, interval: float):
     from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-    sigma, sens, probs = key
-    if sens is None:  # Poisson-subsampled Gaussian, as PLDAccountant builds it
+    if sens is None:  # a Poisson(probs)-subsampled Gaussian, as PLDAccountant builds it
         return pld_lib.from_gaussian_mechanism(standard_deviation=sigma, value_discretization_interval=interval,
                                                sampling_prob=probs, neighboring_relation=ADD_OR_REMOVE)
     return pld_lib.from_mixture_gaussian_mechanism(standard_deviation=sigma, sensitivities=list(sens),
@@ -166,13 +148,19 @@ def _cached_pld(key: tuple, interval: float):
 
 
 def _leaf_pld(event, interval: float):
-    """The PLD dp_accounting's PLDAccountant builds for one release, built once per setting:
-    building is most of a query (0.12 s for a q=0.05 Gaussian at interval 1e-3, ~1 s for the
-    ELS mixture at 1e-2) while self-composing it costs tens of ms, and the budget guard asks
-    with the same release every round. PLDs are immutable, so sharing one is safe. None: not
-    memoised (the library builds it)."""
-    key = _mixture_key(event)
-    return None if key is None else _cached_pld(key, float(interval))
+    """The PLD dp_accounting's PLDAccountant builds for one subsampled-Gaussian or mixture
+    release, built once per setting: building is most of a query (0.12 s for a q=0.05 Gaussian
+    at interval 1e-3, ~1 s for the ELS mixture at 1e-2) while self-composing it costs tens of
+    ms, and the budget guard asks with the same release every round. PLDs are immutable, so
+    sharing one is safe. None: not memoised (the library builds it, or refuses it)."""
+    if isinstance(event, dp_event.PoissonSampledDpEvent) and isinstance(event.event, dp_event.GaussianDpEvent):
+        q, sigma = float(event.sampling_probability), float(event.event.noise_multiplier)
+        return None if q == 0 or sigma == 0 else _cached_pld(sigma, None, q, float(interval))
+    if isinstance(event, dp_event.MixtureOfGaussiansDpEvent) and event.standard_deviation != 0:
+        sens = tuple(float(c) for c in event.sensitivities)
+        return None if sens in ((0.0,), ()) else _cached_pld(
+            float(event.standard_deviation), sens, tuple(float(p) for p in event.sampling_probs), float(interval))
+    return None
 
 
 def pld_accountant(value_discretization_interval: float = 1e-3) -> dpa.PrivacyAccountant:
@@ -232,7 +220,3 @@ def epsilon(accountant: str | dpa.PrivacyAccountant, event: dp_event.DpEvent, de
 def compute_epsilon(event: dp_event.DpEvent, delta: float, accountant: str = "pld", **options) -> float:
     """The epsilon of `event` at `delta` under the named accountant."""
     return epsilon(accountant, event, delta, **options)
-
-
-def supports(accountant: str, event: dp_event.DpEvent, **options) -> bool:
-    return make_accountant(accountant, **options).supports(event)

@@ -1,13 +1,11 @@
 """The budget guard: a release happens only if everything released so far plus it stays
 within (epsilon, delta).
 
-The budget holds one live dp_accounting `PrivacyAccountant`. Releases arrive in runs of
-identical events (a run's every round is the same Poisson-sampled release); the accountant is
-composed once per finished run, and the current run is composed as one
-`SelfComposedDpEvent(event, n)` when asked. A check therefore costs the same after 10 or
-10,000 releases, and equals, bit for bit, what any accountant computes from the ledger's
-run-length form (`ledger.total_event()`, what `fedsim account RUN_DIR` recomputes). The
-ledger is the durable record: a resumed run rebuilds the budget from it once.
+One live dp_accounting `PrivacyAccountant`, composed once per run of identical releases;
+the current run is composed as one `SelfComposedDpEvent(event, n)` when asked. A check costs
+the same after 10 or 10,000 releases and equals, bit for bit, what the accountant computes
+from the ledger's run-length form (`fedsim account RUN_DIR`). The ledger is the durable
+record: a resumed run rebuilds the budget from it once.
 """
 
 from __future__ import annotations

@@ -5,11 +5,10 @@ the ELS mixture's, the LMO noise scale, the group-privacy example delta): it bra
 boundary of a monotone predicate by stepping a factor from a guess, then bisects in log
 space, and returns a point on the *passing* side.
 
-dp_accounting's `mechanism_calibration.calibrate_dp_mechanism` (Brent's method) was tried
-for the noise multiplier and is not used: a PLD epsilon is a step function of sigma at the
-scale of its discretisation, so Brent's interpolation falls back to bisection, and it took
-16 accountant calls where the log bisection from the RDP answer takes 10-11 (the smoke
-config's calibration: 8.6 s vs ~5 s); it also cannot search the non-event parameters above.
+dp_accounting's `mechanism_calibration` (Brent's method) was tried for sigma and is not used:
+a PLD epsilon is a step function of sigma at the scale of its discretisation, so Brent falls
+back to bisection; it took 16 accountant calls where the log bisection from the RDP answer
+takes 10-11 (smoke config: 8.6 s vs 5.1 s), and it cannot search the non-event parameters.
 """
 
 from __future__ import annotations
@@ -28,10 +27,7 @@ def log_bisect(passes: Callable[[float], bool], ok: float, bad: float, rtol: flo
     that does not (`bad`), in either order; returns a passing point within relative `rtol`."""
     while max(ok, bad) / min(ok, bad) > 1.0 + rtol:
         mid = math.sqrt(ok * bad)
-        if passes(mid):
-            ok = mid
-        else:
-            bad = mid
+        ok, bad = (mid, bad) if passes(mid) else (ok, mid)
     return ok
 
 
@@ -76,6 +72,7 @@ def calibrate_noise(
     guess: float | None = None,
     max_noise: float = 1e4,
     rtol: float = 1e-3,
+    factor: float | None = None,
 ) -> float:
     """Smallest noise parameter s (to relative `rtol`, never below the true one) with
     epsilon(make_event(s)) <= target under a fresh accountant (a name or a factory).
@@ -89,16 +86,25 @@ def calibrate_noise(
     def passes(s: float) -> bool:
         return epsilon(fresh(), make_event(s), delta) <= target_epsilon
 
+    factor = factor or 1.25  # a guess from RDP (an upper end) or from a related search: the answer is near
     if guess is None:
-        guess = 1.0
-        if accountant != "rdp" and make_accountant("rdp").supports(make_event(1.0)):
-            guess = calibrate_noise(make_event, target_epsilon, delta, "rdp", guess=1.0, rtol=1e-2)
-    # the RDP answer is an upper end and PLD's is within ~25% below it: a factor 1.25 bracket
-    sigma = find_boundary(passes, guess, larger_passes=True, rtol=rtol, bounds=(1e-6, max_noise), factor=1.25)
+        guess, factor = 1.0, 2.0
+        if accountant != "rdp" and _integer_order_rdp().supports(make_event(1.0)):
+            guess, factor = calibrate_noise(make_event, target_epsilon, delta, _integer_order_rdp, guess=1.0,
+                                            rtol=5e-2, factor=2.0), 1.25
+    sigma = find_boundary(passes, guess, larger_passes=True, rtol=rtol, bounds=(1e-6, max_noise), factor=factor)
     if sigma is None:
         raise ValueError(f"no noise up to {max_noise:g} meets epsilon={target_epsilon:g} at delta={delta:g};"
                          " raise the budget or lower the number of rounds / sampling rate")
     return sigma
+
+
+def _integer_order_rdp() -> dpa.PrivacyAccountant:
+    """RDP at integer orders only: a few times faster than the default orders (no fractional-order
+    series) and looser, so its answer is an upper end. Used for the starting guess only."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    return rdp_privacy_accountant.RdpAccountant(orders=[*range(2, 65), 128, 256])
 
 
 def calibrate_gaussian_noise_multiplier(q: float, steps: int, target_epsilon: float, delta: float,

@@ -14,13 +14,10 @@ T-fold composition. dp_accounting 0.6 has the event
 (`dp_event.MixtureOfGaussiansDpEvent`) and its privacy-loss distribution; its RDP
 accountant refuses it. With k = 1 the mixture is the Poisson-subsampled Gaussian.
 
-The event is `GaussianMechanism.mixture_event(k, q)`; the ``pld`` accountant (dp_accounting's
-PLDAccountant, each distinct release's PLD built once) accounts for it. Building a mixture
-PLD is the slow part (about 1 s at value_discretization_interval 1e-2 and 10 s at 1e-3 on
-this machine, whatever T); self-composing it T times takes tens of milliseconds. The
-pessimistic discretisation keeps every interval an upper bound: a coarser interval is
-looser (the q=0.01, sigma=1, T=1000, k=4 reference gives 10.0412 at 1e-2 vs 10.0156 at
-1e-3), never optimistic. ELS runs use 1e-2 (`els.accounting_interval`).
+The event is `GaussianMechanism.mixture_event(k, q)`, accounted by ``pld``. Building a
+mixture PLD takes ~1 s at interval 1e-2 and ~10 s at 1e-3 (any T); every interval is an
+upper bound, a coarser one looser (the q=0.01, sigma=1, T=1000, k=4 reference: 10.0412 at
+1e-2, 10.0156 at 1e-3). ELS runs use 1e-2 (`els.accounting_interval`).
 
 `group_privacy_epsilon` is the classical alternative printed beside the tight value: the
 example-level (eps0, delta0) of the Poisson-subsampled Gaussian, turned into a guarantee

@@ -1,14 +1,15 @@
 """The privacy ledger: an append-only JSONL file, one line per release (a round or step).
 
-Each line holds the DpEvent of that release, serialised with its class name, so the
-run's total event is `ComposedDpEvent([...])` and any accountant can recompute epsilon
-from the file alone (`fedsim account RUN_DIR`). A line is written and fsync'ed *before*
-the noisy aggregate is applied, so a crash never forgets a release (counted
-conservatively).
+Each line holds the DpEvent of that release, serialised with its class name, so the run's
+total event is `ComposedDpEvent([...])` and any accountant can recompute epsilon from the
+file alone (`fedsim account RUN_DIR`). A line is written and fsync'ed *before* the noisy
+aggregate is applied, so a crash never forgets a release (counted conservatively).
 """
 
 from __future__ import annotations
 
+import importlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -18,13 +19,10 @@ from dp_accounting import dp_event
 
 from fedsim.errors import FedsimError
 
+#: the events the ledger (de)serialises, by class name: a whitelist, never an import by name
 _EVENT_TYPES: dict[str, type] = {
-    name: cls
-    for name, cls in vars(dp_event).items()
-    if isinstance(cls, type) and issubclass(cls, dp_event.DpEvent)
+    name: cls for name, cls in vars(dp_event).items() if isinstance(cls, type) and issubclass(cls, dp_event.DpEvent)
 }
-
-
 #: fedsim modules that define (and register) DpEvents of their own; imported on first need.
 _EVENT_MODULES = ("fedsim.privacy.lmo.faithful",)
 
@@ -39,50 +37,33 @@ def event_to_dict(event: dp_event.DpEvent) -> dict:
     def enc(v):
         if isinstance(v, dp_event.DpEvent):
             return event_to_dict(v)
-        if isinstance(v, (list, tuple)):
-            return [enc(x) for x in v]
-        return v
+        return [enc(x) for x in v] if isinstance(v, (list, tuple)) else v
 
-    out = {"type": type(event).__name__}
-    for f in attr.fields(type(event)):
-        out[f.name] = enc(getattr(event, f.name))
-    return out
+    return {"type": type(event).__name__, **{f.name: enc(getattr(event, f.name)) for f in attr.fields(type(event))}}
 
 
 def event_from_dict(d: dict) -> dp_event.DpEvent:
     def dec(v):
         if isinstance(v, dict) and "type" in v:
             return event_from_dict(v)
-        if isinstance(v, list):
-            return [dec(x) for x in v]
-        return v
+        return [dec(x) for x in v] if isinstance(v, list) else v
 
     kind = d.get("type")
-    cls = _EVENT_TYPES.get(kind)
-    if cls is None:  # fedsim's own event modules register on import; load them (a fixed list)
-        import importlib
-
+    if kind not in _EVENT_TYPES:  # fedsim's own event modules register on import (a fixed list)
         for mod in _EVENT_MODULES:
             importlib.import_module(mod)
-        cls = _EVENT_TYPES.get(kind)
-    if cls is None:  # never import by name: the registry is the whitelist
+    if kind not in _EVENT_TYPES:
         raise FedsimError(f"unknown privacy event type {kind!r} in ledger")
-    kwargs = {k: dec(v) for k, v in d.items() if k != "type"}
-    return cls(**kwargs)
+    return _EVENT_TYPES[kind](**{k: dec(v) for k, v in d.items() if k != "type"})
 
 
 def compress(events: list[dp_event.DpEvent]) -> dp_event.DpEvent:
     """The composition of `events`, runs of identical events as SelfComposedDpEvents (fast PLD/RDP)."""
-    runs: list[list] = []
-    for ev in events:
-        if runs and runs[-1][0] == ev:
-            runs[-1][1] += 1
-        else:
-            runs.append([ev, 1])
+    runs = [(ev, sum(1 for _ in run)) for ev, run in itertools.groupby(events)]
     parts = [dp_event.SelfComposedDpEvent(ev, n) if n > 1 else ev for ev, n in runs]
-    if not parts:
-        return dp_event.NoOpDpEvent()
-    return parts[0] if len(parts) == 1 else dp_event.ComposedDpEvent(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return dp_event.ComposedDpEvent(parts) if parts else dp_event.NoOpDpEvent()
 
 
 class PrivacyLedger:
@@ -93,41 +74,26 @@ class PrivacyLedger:
         self.entries: list[dict] = []
         self._steps: set[tuple[int, str]] = set()  # (step, event JSON) of every entry, for `has`
         if self.path is not None and self.path.exists():
-            for entry in self.read(self.path):
-                self._append(entry)
+            with open(self.path, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    try:
+                        if line.strip():
+                            self._append(json.loads(line))
+                    except json.JSONDecodeError as exc:  # e.g. torn by a crash: the release may have happened
+                        raise FedsimError(f"{self.path}:{lineno}: corrupt ledger line ({exc.msg})") from None
 
     def _append(self, entry: dict) -> None:
         self.entries.append(entry)
         self._steps.add((int(entry["step"]), json.dumps(entry["event"], sort_keys=True)))
 
-    @staticmethod
-    def read(path: str | Path) -> list[dict]:
-        entries = []
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    # A torn last line from a crash mid-write: the release may have
-                    # happened, so count it conservatively by keeping the previous
-                    # event shape if we can; otherwise refuse.
-                    raise FedsimError(f"{path}:{lineno}: corrupt ledger line ({exc.msg})") from None
-        return entries
-
     def record(self, step: int, event: dp_event.DpEvent, *, replay_identical: bool = False, **info) -> bool:
-        """Append a release; returns False when it was not appended.
-
-        `replay_identical=True` says the caller re-draws exactly the randomness of an
-        earlier attempt at this step (reproducible mode after a resume): the release is
-        then bit-identical to the one already recorded and costs no further privacy.
-        In every other case a re-done step is recorded again (counted twice: conservative).
-        """
+        """Append a release; False if not appended: `replay_identical=True` says the caller re-draws
+        exactly the randomness of an earlier attempt at this step (reproducible mode after a resume),
+        so the release is bit-identical to the recorded one and costs no further privacy. Any other
+        re-done step is recorded again (counted twice: conservative)."""
         if replay_identical and self.has(step, event):
             return False
-        ev = event_to_dict(event)
-        entry = {"step": int(step), "event": ev, **info}
+        entry = {"step": int(step), "event": event_to_dict(event), **info}
         self._append(entry)
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as fh:
@@ -140,15 +106,12 @@ class PrivacyLedger:
         return (int(step), json.dumps(event_to_dict(event), sort_keys=True)) in self._steps
 
     def events(self) -> list[dp_event.DpEvent]:
-        """Every recorded release, in order (an entry's event is deserialised once per run of
-        identical lines: DpEvents compare by value)."""
-        out, last = [], None
+        """Every recorded release, in order (deserialised once per run of identical lines:
+        DpEvents compare by value)."""
+        out, prev = [], None
         for e in self.entries:
-            if not (out and e["event"] == last):
-                out.append(event_from_dict(e["event"]))
-                last = e["event"]
-            else:
-                out.append(out[-1])
+            out.append(out[-1] if out and e["event"] == prev else event_from_dict(e["event"]))
+            prev = e["event"]
         return out
 
     def total_event(self) -> dp_event.DpEvent:

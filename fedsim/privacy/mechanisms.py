@@ -1,13 +1,10 @@
 """Noise mechanisms: clip each user's update (`constrain_sensitivity`), noise the sum
-(`add_noise`), and describe one release to the accountants (`dp_event`).
-
-Strategies, trainers and the plan only use this interface, so a new mechanism (LMO, ...) is
-a new subclass and nothing else changes: it says how to noise, how one release, a
-Poisson-sampled release (ULS) and an ELS step (`mixture_event`) look to the accountants,
-which accountant it needs by default, and how to build it from a budget (`calibrated`, like
-Opacus' `make_private_with_epsilon`). The split follows pfl-research
-(`pfl/privacy/privacy_mechanism.py`): the first verb runs per user, the second on the
-aggregate, and both return `(result, metrics)`.
+(`add_noise`), and describe a release to the accountants: one (`dp_event`), a Poisson-sampled
+ULS round (`sampled_event`), an ELS step (`mixture_event`). A mechanism also names its default
+accountant and builds itself from a budget (`calibrated`, like Opacus'
+`make_private_with_epsilon`), so a new mechanism (LMO, ...) is a new subclass and nothing else
+changes. As in pfl-research, the first verb runs per user, the second on the aggregate, and
+both return `(result, metrics)`.
 
 Sensitivity: with add/remove-one-user neighbours and every update clipped to L2 norm
 C, the sum of clipped updates changes by at most C in L2.
@@ -64,6 +61,7 @@ class NoiseMechanism(abc.ABC):
     default_accountant: str = "pld"
     #: the `dp.<key>` config entry that gives this mechanism's noise outright (`from_spec`)
     config_key: str = ""
+    needs_dimension = False  # whether its accounting tightens with the number of noised coordinates
 
     @classmethod
     def from_spec(cls, clip_norm: float, spec, dimension: int | None = None) -> "NoiseMechanism | None":
@@ -194,9 +192,10 @@ class GaussianMechanism(NoiseMechanism):
         from fedsim.privacy.calibration import calibrate_noise
 
         guess = None
-        if k is not None and k > 1:
-            guess = cls.calibrated(clip_norm, target_epsilon=target_epsilon, delta=delta, q=q, steps=steps,
-                                   accountant=accountant, **options).noise_multiplier * math.sqrt(k)
+        if k is not None and k > 1:  # the k = 1 answer to 5%, times sqrt(k)
+            guess = calibrate_noise(lambda s: cls(clip_norm, s).run_event(q, steps), target_epsilon, delta,
+                                    lambda: make_accountant(accountant, **options), guess=1.0, rtol=0.05,
+                                    factor=2.0) * math.sqrt(k)
         sigma = calibrate_noise(lambda s: cls(clip_norm, s).run_event(q, steps, k), target_epsilon, delta,
                                 lambda: make_accountant(accountant, **options), guess=guess,
                                 rtol=1e-3 if k is None else 5e-3)

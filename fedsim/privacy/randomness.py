@@ -1,72 +1,70 @@
 """Where every secret random bit of a run comes from.
 
-The privacy guarantee needs three draws to be unknown to anyone who sees the run's
-outputs and its configuration: the ULS cohort (Poisson user sampling), the ELS batch
-(Poisson example sampling) and the noise. Amplification by subsampling assumes the
-adversary cannot tell who was sampled, and subtracting a predictable noise vector from a
-release recovers the clipped sum exactly. All three are drawn here, and nowhere else.
+Three draws must be unknown to anyone who sees the run's outputs and configuration: the ULS
+cohort (Poisson user sampling), the ELS batch (Poisson example sampling) and the noise.
+Amplification by subsampling assumes the adversary cannot tell who was sampled, and subtracting
+a predictable noise vector from a release recovers the clipped sum exactly. All three are drawn
+here, and nowhere else.
 
 The generator
 -------------
 `SecretRandomness` holds one 256-bit master key:
 
-* secure mode (the default, ``dp.reproducible: false``): 32 bytes of OS entropy
-  (`os.urandom`, the kernel CSPRNG), fresh in every process and never written anywhere:
-  a resumed run draws new cohorts and new noise, so a re-done round is a new release
-  (the ledger counts it again);
-* reproducible mode (``dp.reproducible: true``, tests and debugging only, never real
-  data): SHA-256 of a label and ``run.seed``. Anyone who reads ``config.yaml`` can
-  regenerate every cohort and every noise vector: the reported epsilon does not hold.
+* secure mode (the default, ``dp.reproducible: false``): 32 bytes of OS entropy (`os.urandom`,
+  the kernel CSPRNG), fresh in every process and never written anywhere: a resumed run draws
+  new cohorts and new noise, so a re-done round is a new release (the ledger counts it again);
+* reproducible mode (``dp.reproducible: true``, tests and debugging only, never real data):
+  SHA-256 of a label and ``run.seed``. Anyone who reads ``config.yaml`` can regenerate every
+  cohort and every noise vector: the reported epsilon does not hold.
 
 Every draw has a *purpose* and a *step* (e.g. ``("uls-noise", 7)``). Its bits are the
 AES-256-CTR keystream (OpenSSL, through the `cryptography` package) under the subkey
 ``HMAC-SHA256(master, purpose || step)``. AES-256-CTR is a standard CSPRNG construction
-(NIST SP 800-90A's CTR_DRBG is built on it) and measured about twice as fast as ChaCha20
-here (4.1 vs 2.1 GB/s): the keystream costs under 2 ns of the ~20 ns per Gaussian.
-Because a draw is a pure function of (key, purpose, step), a reproducible run that
-resumes re-draws exactly the cohort and noise of the round it re-does, and nothing about
-the generator needs to be checkpointed.
+(NIST SP 800-90A's CTR_DRBG is built on it) and measured about twice as fast as ChaCha20 here
+(4.1 vs 2.1 GB/s): the keystream costs under 2 ns of the ~20 ns per Gaussian. A draw is a pure
+function of (key, purpose, step): a resumed reproducible run re-draws exactly the cohort and
+noise of the round it re-does, and no generator state needs a checkpoint.
 
 Conversions
 -----------
-* uniforms on [0, 1): the top 53 bits of a 64-bit word, times 2^-53, in float64 (every
-  double of the grid k 2^-53 equally likely);
-* uniforms on (0, 1) for logarithms (`uniform_open`): (hi + 1/2) 2^-53, the midpoints of
-  the 53-bit grid, refined where they are coarse: when hi < 2^20 (probability 2^-33) a
-  second word lo subdivides the cell, u = (hi + (lo + 1/2) 2^-53) 2^-53. Near 0 a one-word
-  uniform is coarse (its smallest values are 2^-53, 2 2^-53, ...), so -ln u would take a
-  few widely spaced values in the far tail: Box-Muller radii on discrete rings coarser than
-  the rounding grid below beyond ~7.4 sigma, where a neighbouring dataset's output has
-  probability zero. With the refinement the relative spacing of the attainable u is at most
-  2^-20 down to u = 2^-86, and the rings stay finer than the grid out to |z| ~ 11
-  (beyond it: probability 2^-92);
+* uniforms on [0, 1): the top 53 bits of a 64-bit word, times 2^-53, in float64 (every double
+  of the grid k 2^-53 equally likely);
+* uniforms on (0, 1) for logarithms (`uniform_open`): (hi + 1/2) 2^-53, the midpoints of the
+  53-bit grid, refined where they are coarse: when hi < 2^20 (probability 2^-33) a second word
+  lo subdivides the cell, u = (hi + (lo + 1/2) 2^-53) 2^-53. Near 0 a one-word uniform is
+  coarse (its smallest values are 2^-53, 2 2^-53, ...), so -ln u would take a few widely
+  spaced values in the far tail: Box-Muller radii on discrete rings coarser than the rounding
+  grid below beyond ~7.4 sigma, where a neighbouring dataset's output has probability zero.
+  Refined, the relative spacing of the attainable u is at most 2^-20 down to u = 2^-86, and
+  the rings stay finer than the grid out to |z| ~ 11 (beyond it: probability 2^-92);
 * Poisson sampling: member i is in the sample iff its word w_i < floor(q 2^64), an exact
-  Bernoulli(q') with q' = floor(q 2^64) / 2^64 <= q (the accountant's q is an upper
-  bound on the rate that runs), in chunks, so memory does not grow with the population;
-* Gaussians: Box-Muller in float64, r = sqrt(-2 ln u1) with u1 from `uniform_open` and
-  the angle from a 53-bit uniform: the largest attainable |z| is sqrt(214 ln 2) = 12.18
-  (torch's float32 CPU sampler stops at 5.77, so there the two neighbouring outputs'
-  supports differ, breaking delta). P(|z| > 12.18) = 4e-34 per coordinate;
-* exponentials: -ln(u1); gammas: the inverse regularised incomplete gamma function of
-  a 53-bit uniform (scipy), exact up to float64 rounding.
+  Bernoulli(q') with q' = floor(q 2^64) / 2^64 <= q (the accountant's q is an upper bound on
+  the rate that runs), in chunks, so memory does not grow with the population;
+* Gaussians: Box-Muller in float64, r = sqrt(-2 ln u1) with u1 from `uniform_open` and the
+  angle from a 53-bit uniform: the largest attainable |z| is sqrt(214 ln 2) = 12.18 (torch's
+  float32 CPU sampler stops at 5.77, so there the two neighbouring outputs' supports differ,
+  breaking delta). P(|z| > 12.18) = 4e-34 per coordinate;
+* exponentials: -ln(u1); gammas: the inverse regularised incomplete gamma function of a
+  53-bit uniform (scipy), exact up to float64 rounding.
 
 Floating-point hardening
 ------------------------
-`add_noise` adds the float64 noise to the float64 sum and rounds the result to a grid
-of spacing ``2^(floor(log2 std) - 16)`` before casting back (post-processing: no privacy
-cost; the rounding error is below 2^-17 std, a variance change of 1e-11). Mironov (2012)
-and Jin et al. (2022, "Are We There Yet? Timing and Floating-Point Attacks on
-Differential Privacy Systems") attack the *low-order bits* of ``x + noise``: which
-doubles a sampler can produce depends on x there. The grid is 2^30 or more times coarser
-than a double's spacing at the release's magnitude (for |x| < 2^20 std), so an output
-cell holds ~2^60 of the sampler's outputs and its probability is the Gaussian measure
-of the cell to within a relative ~2^-40. Opacus' secure mode instead sums four
-Gaussians of std/2 (Holohan and Braghin 2021), at four times the cost; fedsim's snapping
-costs one rounding pass. What remains is stated in the README (trust model).
+`add_noise` adds the float64 noise to the float64 sum and rounds the result to a grid of
+spacing ``2^(floor(log2 std) - 16)`` before casting back (post-processing: no privacy cost;
+the rounding error is below 2^-17 std, a variance change of 1e-11). Mironov (2012) and Jin et
+al. (2022, "Are We There Yet? Timing and Floating-Point Attacks on Differential Privacy
+Systems") attack the *low-order bits* of ``x + noise``: which doubles a sampler can produce
+depends on x there. The grid is 2^30 or more times coarser than a double's spacing at the
+release's magnitude (for |x| < 2^20 std), so an output cell holds ~2^60 of the sampler's
+outputs and its probability is the Gaussian measure of the cell to within a relative ~2^-40.
+Opacus' secure mode instead sums four Gaussians of std/2 (Holohan and Braghin 2021), at four
+times the cost; fedsim's snapping costs one rounding pass. What remains is stated in the
+README (trust model).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import math
@@ -80,6 +78,8 @@ CHUNK_WORDS = 1 << 21
 #: coordinates per chunk of `NoiseMechanism.add_noise`: its float64 temporaries (~2 MB) stay in
 #: cache across the ~10 passes of a chunk (measured fastest of 2^16..2^21 here)
 NOISE_CHUNK = 1 << 18
+#: converted keystream words a stream reads ahead on a helper thread (`_top53`)
+READ_AHEAD_WORDS = 1 << 18
 _TWO53_INV = 2.0**-53
 _LN2_106 = 106 * math.log(2)
 _REFINE_BELOW = 2.0**20  # a 53-bit uniform's cell is refined below 2^20 2^-53 (relative spacing > 2^-20)
@@ -93,30 +93,20 @@ SNAP_BITS = 16
 _REPRODUCIBLE_LABEL = b"fedsim reproducible-mode key v1 (NOT SECRET: derived from run.seed)"
 
 
-#: converted keystream words a stream reads ahead on a helper thread (`_top53`)
-READ_AHEAD_WORDS = 1 << 18
-_READER = None  # a one-thread pool, made on first use
-
-
+@functools.cache
 def _reader():
-    global _READER
-    if _READER is None:
-        from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-        _READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsim-keystream")
-    return _READER
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsim-keystream")
 
 
 class RandomStream:
-    """The keystream of one (purpose, step): uniform words and the conversions above.
+    """The keystream of one (purpose, step), consumed in order: uniform words and the conversions above.
 
-    A stream is consumed in order; each call continues where the last one stopped. Two ways
-    to read it, never mixed on one stream: raw words (`words`, `bernoulli_indices`: the
-    samplers) or the top 53 bits as floats (`_top53` and every conversion built on it: the
-    noise). The second reads ahead: while torch turns one block into Gaussians on the main
-    thread, a helper thread encrypts and converts the next (AES and numpy release the GIL;
-    measured 1.6x faster on 2 cores). The values are the same either way: one keystream in
-    one order."""
+    Read either as raw words (`words`, `bernoulli_indices`: the samplers) or as top 53 bits in
+    floats (`_top53` and all built on it: the noise), never both. Floats are read ahead: while
+    torch turns one block into Gaussians, a helper thread encrypts and converts the next (AES
+    and numpy release the GIL; 1.6x faster on 2 cores), with the same values: one keystream."""
 
     def __init__(self, subkey: bytes):
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -163,8 +153,7 @@ class RandomStream:
             parts.append(self._buf[:take])
             self._buf = self._buf[take:]
             have += take
-        out = parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
-        return torch.from_numpy(out)
+        return torch.from_numpy(parts[0].copy() if len(parts) == 1 else np.concatenate(parts))
 
     def uniform(self, n: int) -> torch.Tensor:
         """float64 uniforms on the grid {0, 2^-53, ..., 1 - 2^-53}: [0, 1)."""
@@ -198,7 +187,7 @@ class RandomStream:
         return z[:n]
 
     def exponential(self, n: int) -> torch.Tensor:
-        """n Exponential(rate 1) in float64: -ln u, u in (0, 1)."""
+        """n Exponential(rate 1) in float64: -ln u = 53 ln 2 - ln v, u in (0, 1)."""
         return self._open_units(n).log_().neg_().add_(53 * math.log(2))
 
     def gamma(self, shape: float, n: int) -> torch.Tensor:
@@ -220,10 +209,8 @@ class RandomStream:
         if q >= 1.0:
             return np.arange(n, dtype=np.int64)
         threshold = np.uint64(int(q * 2.0**64))  # q * 2^64 is exact in binary floating point; int() floors
-        out = []
-        for start in range(0, int(n), CHUNK_WORDS):
-            m = min(CHUNK_WORDS, int(n) - start)
-            out.append(np.flatnonzero(self.words(m) < threshold) + start)
+        out = [np.flatnonzero(self.words(min(CHUNK_WORDS, int(n) - start)) < threshold) + start
+               for start in range(0, int(n), CHUNK_WORDS)]
         return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
 
 
@@ -237,18 +224,18 @@ class SecretRandomness:
         self.reproducible = bool(reproducible)
 
     @classmethod
-    def secure(cls) -> "SecretRandomness":
+    def secure(cls) -> SecretRandomness:
         """A fresh 256-bit key from the OS CSPRNG; never stored."""
         return cls(os.urandom(32), reproducible=False)
 
     @classmethod
-    def from_seed(cls, seed: int) -> "SecretRandomness":
+    def from_seed(cls, seed: int) -> SecretRandomness:
         """Reproducible mode: the key is a public function of `seed` (tests only)."""
         seed_bytes = int(seed).to_bytes(16, "little", signed=True)
         return cls(hashlib.sha256(_REPRODUCIBLE_LABEL + seed_bytes).digest(), reproducible=True)
 
     @classmethod
-    def for_run(cls, reproducible: bool, seed: int) -> "SecretRandomness":
+    def for_run(cls, reproducible: bool, seed: int) -> SecretRandomness:
         return cls.from_seed(seed) if reproducible else cls.secure()
 
     def stream(self, purpose: str, step: int) -> RandomStream:
@@ -262,16 +249,15 @@ class SecretRandomness:
 
     def describe(self) -> dict:
         """What summary.json says about the secret draws (never the key)."""
-        gen = "AES-256-CTR keystream, subkey HMAC-SHA256(key, purpose, step)"
-        if self.reproducible:
-            key = "SHA-256 of run.seed: PUBLIC, anyone with config.yaml can regenerate every draw (not for real data)"
-        else:
-            key = "256 bits from os.urandom, fresh per process, never written"
+        key = ("SHA-256 of run.seed: PUBLIC, anyone with config.yaml can regenerate every draw (not for real data)"
+               if self.reproducible else "256 bits from os.urandom, fresh per process, never written")
         return {
-            "source": self.source, "key": key, "generator": gen,
+            "source": self.source, "key": key,
+            "generator": "AES-256-CTR keystream, subkey HMAC-SHA256(key, purpose, step)",
             "cohort_sampling": "exact Bernoulli(q) per user from 64-bit keystream words",
             "example_sampling": "exact Bernoulli(q) per kept example from 64-bit keystream words",
-            "noise": "float64 Box-Muller, radius uniform refined near 0 (|z| up to 12.18 std), rounded to a 2^-16 std grid",
+            "noise": "float64 Box-Muller, radius uniform refined near 0 (|z| up to 12.18 std), "
+                     "rounded to a 2^-16 std grid",
             "public_seed_drives": "run.seed: model init, data split, ELS example cap, local batch order, dropout",
         }
 
@@ -280,9 +266,8 @@ class SecretRandomness:
 
 
 def snap_to_grid(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Round x (float64, in place) to multiples of 2^(floor(log2 scale) - SNAP_BITS), `scale`
-    the noise std (or another finite noise scale): see "Floating-point hardening" above. A
-    power-of-two grid makes the scaling exact."""
+    """Round x (float64, in place) to multiples of 2^(floor(log2 scale) - SNAP_BITS), `scale` a finite
+    noise scale (the std): "Floating-point hardening" above. A power-of-two grid scales exactly."""
     if not (scale >= 0 and math.isfinite(scale)):
         raise ValueError(f"the rounding grid needs a finite noise scale, got {scale!r}")
     if scale > 0:

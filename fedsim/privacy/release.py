@@ -1,18 +1,13 @@
 """One DP release, as named steps: guard -> record -> noise -> scale.
 
-The training loop (`fedsim/loop.py`) calls it for both methods: ULS releases a round's sum
-of per-user clipped deltas, ELS a step's sum of per-example clipped gradients
-(docs/architecture.md, "One ULS round" steps 1 and 6, "One ELS step" steps 1 and 4):
+The training loop calls it for ULS rounds and ELS steps alike (docs/architecture.md):
 
-  guard   the budget guard: the ledger plus this release must fit (ε, δ), else
-          BudgetExceededError and the run stops (`PrivacyBudget.check`);
-  record  the event is appended to the ledger and fsync'ed *before* the noise exists, so a
-          crash after this point never forgets a release; the budget's live accountant
-          counts it;
-  noise   the mechanism adds its noise, drawn from the secret keystream
-          (`SecretRandomness.stream(<purpose>-noise, step)`), to the sum, in place;
-  scale   the noisy sum is divided by the public denominator (expected cohort or batch),
-          which keeps the sensitivity C / denominator whatever was sampled.
+  guard   what was released plus this release must fit (ε, δ), else BudgetExceededError;
+  record  the event is fsync'ed to the ledger *before* the noise exists (a crash never
+          forgets a release) and counted by the budget's live accountant;
+  noise   the mechanism's noise, from the keystream (<purpose>-noise, step), added in place;
+  scale   divided by the public denominator (expected cohort or batch): the sensitivity is
+          C / denominator whatever was sampled.
 
 A reproducible resume re-draws the identical release for a step already in the ledger: it is
 not counted again (`replay_identical`). A secure resume has a fresh key, so a re-done step is a
@@ -67,14 +62,9 @@ class Release:
 def kill_after_recording(crash_step: int | None) -> Callable[[int], None] | None:
     """`simulation.faults.server_crash_round`: SIGKILL this process right after that step's
     release is recorded, before its noise is applied (tests of crash safety)."""
+    import os
+    import signal
+
     if crash_step is None:
         return None
-
-    def after_record(step: int) -> None:
-        if step == crash_step:
-            import os
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return after_record
+    return lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == crash_step else None

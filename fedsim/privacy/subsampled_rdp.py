@@ -1,10 +1,6 @@
-"""Poisson-subsampled Renyi DP of *any* mechanism from its RDP curve, at integer orders, and
-the Canonne-Kamath-Steinke conversion to (epsilon, delta).
-
-dp_accounting's RDP accountant knows the subsampled Gaussian; these bounds take an arbitrary
-curve D_a(Q||P) (a = 2..256), so they serve mechanisms whose RDP is only known numerically
-(the LMO noise, `fedsim.privacy.lmo.faithful`), and, fed a Gaussian curve, give a like-for-like
-reference for them (`generic_rdp_gaussian_epsilon`).
+"""Poisson-subsampled Renyi DP of *any* mechanism from its RDP curve at integer orders (dp_accounting
+knows only the subsampled Gaussian), for RDP known only numerically (LMO noise); fed a Gaussian
+curve, a like-for-like reference. And the Canonne-Kamath-Steinke conversion to (epsilon, delta).
 """
 
 from __future__ import annotations
@@ -72,11 +68,8 @@ def subsampled_rdp(eps: np.ndarray, q: float, eps_reverse: np.ndarray | None = N
     with np.errstate(over="ignore"):
         second = np.log1p(coef * math.expm1(min(eps2, 700.0))) if math.isfinite(eps2) else np.full(len(ORDERS), np.inf)
     convex = np.logaddexp(l1q, lq + cgf)
-    if eps_reverse is None:
-        convex_rev = convex
-    else:
-        cgf_rev = np.minimum((ORDERS - 1) * np.asarray(eps_reverse, dtype=float), 1e300)
-        convex_rev = np.logaddexp(l1q, lq + cgf_rev)
+    cgf_rev = cgf if eps_reverse is None else np.minimum((ORDERS - 1) * np.asarray(eps_reverse, dtype=float), 1e300)
+    convex_rev = np.logaddexp(l1q, lq + cgf_rev)
     out = np.maximum(np.minimum(first, convex), np.minimum(second, convex_rev)) / (ORDERS - 1)
     out = np.where(out > 1e200, np.inf, out)
     return np.maximum(out, 0.0)

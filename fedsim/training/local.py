@@ -1,9 +1,8 @@
 """ULS local update: one user trains from the global weights; delta = w_local - w_global.
 
-The caller clips the delta (`per_user_clip`); this module never sees privacy
-parameters. Batches are drawn from the user's examples with a generator seeded by
-(run seed, round, user), and torch's global RNG (dropout) is seeded from it, so a user's
-update is reproducible whichever worker runs it and across a resume.
+The caller clips the delta (`per_user_clip`); this module never sees privacy parameters. A
+user's batches and dropout come from a generator seeded by (run seed, round, user), so its update
+is the same whichever worker runs it and across a resume.
 """
 
 from __future__ import annotations
@@ -49,10 +48,8 @@ def train_user(task, global_flat: torch.Tensor, examples, uls, gen: torch.Genera
     """Reset to the global weights, run the client optimizer on the user's batches, return the delta."""
     flat = task.flat
     flat.set(global_flat)
-    # dropout (e.g. LoRA dropout) draws from torch's global RNG: seed it from the user's generator
-    # so a user's delta depends on (seed, round, user) only, not on which worker ran it or on a
-    # resume. The CPU generator directly (1 us; torch.manual_seed checks every backend, ~120 us),
-    # and the model's GPU when it has one
+    # dropout (e.g. LoRA's) draws from torch's global RNG: seed the CPU generator directly (1 us;
+    # torch.manual_seed checks every backend, ~120 us), and the model's GPU if any
     dropout_seed = int(gen.initial_seed()) ^ 0x5EED
     torch.default_generator.manual_seed(dropout_seed)
     if flat.flat.is_cuda:
@@ -60,17 +57,13 @@ def train_user(task, global_flat: torch.Tensor, examples, uls, gen: torch.Genera
             torch.cuda.manual_seed(dropout_seed)
     examples = cap_examples(examples, uls.max_examples_per_user, gen)
     batches = local_batches(len(examples), uls.batch_size, uls.local_epochs, uls.local_steps, gen)
-    opt = None
-    if uls.client_optimizer == "adam":
-        opt = torch.optim.Adam(flat.params, lr=uls.client_lr)
+    opt = torch.optim.Adam(flat.params, lr=uls.client_lr) if uls.client_optimizer == "adam" else None
     losses, seen = [], 0
     for idx in batches:
-        # forward / backward
         loss = task.loss(task.batch([examples[i] for i in idx]))
         flat.zero_grad()
         loss.backward()
-        # step: plain SGD is one fused vector op on the flat buffers
-        with torch.no_grad():
+        with torch.no_grad():  # plain SGD: one fused vector op on the flat buffers
             if opt is None:
                 flat.flat.add_(flat.flat_grad, alpha=-uls.client_lr)
             else:

@@ -12,10 +12,8 @@ import torch
 class ServerOptimizer:
     def __init__(self, weights: torch.Tensor, kind: str = "sgd", lr: float = 1.0, momentum: float = 0.9):
         self.param = torch.nn.Parameter(weights.detach().clone())
-        if kind == "sgd":
-            self.opt = torch.optim.SGD([self.param], lr=lr)
-        elif kind == "momentum":
-            self.opt = torch.optim.SGD([self.param], lr=lr, momentum=momentum)
+        if kind in ("sgd", "momentum"):
+            self.opt = torch.optim.SGD([self.param], lr=lr, momentum=momentum if kind == "momentum" else 0)
         elif kind == "adam":
             self.opt = torch.optim.Adam([self.param], lr=lr, betas=(momentum, 0.99), eps=1e-3)
         else:

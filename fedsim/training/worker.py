@@ -1,11 +1,8 @@
-"""A cohort worker: trains a list of users from the same global weights and returns the
-sum of their individually clipped deltas (docs/architecture.md, "One ULS round").
-
-Per-user clipping happens before summing, so the sum has the same sensitivity C as in
-the one-user-per-client path: privacy is unchanged. Sensitivity must hold under failure
-too: a user whose training raises, or whose delta is not finite, is left out of the sum
-(a zero contribution) and counted as a failure; the other users' clipped deltas are still
-returned. Were the whole message dropped instead, one user's data could remove
+"""A cohort worker: trains users from the same global weights and returns the sum of their
+individually clipped deltas (docs/architecture.md, "One ULS round"), so the sum has sensitivity C
+as in the one-user-per-client path. That must hold under failure too: a user whose training raises,
+or whose delta is not finite, is left out (a zero contribution) and counted; the others' deltas
+are still returned. Dropping the whole message instead would let one user's data remove
 `users_per_client` users' contributions, a change of up to users_per_client * C.
 """
 
@@ -35,6 +32,14 @@ class CohortResult:
     vectorised: int = 0  # uls.vectorise: users trained in a grouped forward/backward
     sequential: int = 0  # uls.vectorise: users that fell back to the back-to-back path
 
+    def add_user(self, norm: float, num_examples: int, loss: float, clip: float) -> None:
+        """Count a user whose clipped delta is in `delta_sum`."""
+        self.num_users += 1
+        self.num_examples += num_examples
+        self.loss_sum += loss
+        self.clipped += int(norm > clip)
+        self.norms.append(norm)
+
 
 class CohortWorker:
     """Holds one task (model built once per process) and one user store."""
@@ -58,8 +63,7 @@ class CohortWorker:
         return out
 
     def train_one(self, out: CohortResult, user: int, global_flat: torch.Tensor, server_round: int) -> None:
-        """Train one user and add its clipped delta to `out`; a user whose training raises is
-        left out and counted (its failure never takes the other users' contributions with it)."""
+        """Train one user and add its clipped delta to `out`; a failing user is left out and counted."""
         try:
             gen = user_generator(self.cfg.run.seed, server_round, user)
             res = train_user(self.task, global_flat, self.store.train_examples(user), self.cfg.uls, gen)
@@ -70,10 +74,6 @@ class CohortWorker:
             log.debug("round %d: user %d failed: %s", server_round, user, exc)
             out.failed += 1
             return
-        self._add_user(out, res)
-
-    def _add_user(self, out: CohortResult, res) -> None:
-        """Clip one user's delta and add it to the sum (a non-finite delta is left out)."""
         clip = self.cfg.dp.clip_norm
         norm = update_norm(res.delta)  # NaN / inf exactly when the delta has a non-finite entry
         if not math.isfinite(norm):
@@ -81,8 +81,4 @@ class CohortWorker:
             return
         # clip and accumulate in one pass: sum += min(1, C / (norm + 1e-6)) * delta (per_user_clip's factor)
         out.delta_sum.add_(res.delta, alpha=clip_factor(norm, clip))
-        out.num_users += 1
-        out.num_examples += res.num_examples
-        out.loss_sum += res.loss
-        out.clipped += int(norm > clip)
-        out.norms.append(norm)
+        out.add_user(norm, res.num_examples, res.loss, clip)

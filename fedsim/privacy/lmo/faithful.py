@@ -1,11 +1,5 @@
-"""The faithful LMO accounting ("lmo_faithful"): an upper bound on what fedsim releases.
-
-An L2-clipped d-dimensional sum plus i.i.d. LMO noise, Poisson-subsampled (or the ELS
-Binomial(k, q) mixture), composed, converted with CKS: one-coordinate Renyi divergences of
-the released mixture density (:func:`divergence_table`), their worst case over the L2 ball
-(:func:`faithful_unsampled_rdp`), the generic subsampling bounds of
-`fedsim.privacy.subsampled_rdp`, and the accountant (:class:`LmoFaithfulAccountant`, whose
-docstring has the derivation). Runs' ledgers and budget guards use it; the two DpEvents
+"""The faithful LMO accounting ("lmo_faithful"): an upper bound on what fedsim releases, derived
+at :class:`LmoFaithfulAccountant`. Runs' ledgers and budget guards use it; the two DpEvents
 defined here are registered with the ledger.
 """
 
@@ -39,12 +33,11 @@ def divergence_table(params: LmoParams, shifts, orders) -> np.ndarray:
     """r[i, j] = D_{orders[i]}(p || p(. - shifts[j])): Renyi divergence of the 1-D unit-sensitivity
     LMO noise from its copy shifted by shifts[j] > 0, by quadrature of the closed-form density.
 
-    Computed as log(1 + J)/(a-1) with J = int p (R^{a-1} - 1), R = p(z)/p(z-u) (exact mass
-    1 of p used analytically, so tiny shifts lose no precision), or as a log-sum-exp of
-    int p R^{a-1} when that is large. Symmetric in the direction of the shift.
+    Computed as log(1 + J)/(a-1) with J = int p (R^{a-1} - 1), R = p(z)/p(z-u) (the mass 1 of p
+    used exactly, so tiny shifts lose no precision), or as a log-sum-exp of int p R^{a-1} when that
+    is large. Symmetric in the direction of the shift.
     """
-    orders = np.asarray(orders, dtype=float)
-    shifts = np.asarray(shifts, dtype=float)
+    orders, shifts = np.asarray(orders, dtype=float), np.asarray(shifts, dtype=float)
     if np.any(orders <= 1):
         raise ValueError("orders must be > 1")
     if np.any(shifts <= 0):
@@ -57,31 +50,19 @@ def divergence_table(params: LmoParams, shifts, orders) -> np.ndarray:
     for j, u in enumerate(shifts):
         zm, wm = _interval_nodes(float(u), scale)
         lp_wu = params.log_density_abs(w + u)
-        lp_zm = params.log_density_abs(zm)
-        lp_mz = params.log_density_abs(u - zm)
+        lp_zm, lp_mz = params.log_density_abs(zm), params.log_density_abs(u - zm)
         # (-inf, 0]: z=-w; [u, inf): z=u+w; (0, u): z
         log_r = np.concatenate([lp_w - lp_wu, lp_wu - lp_w, lp_zm - lp_mz])
         log_wp = np.concatenate([np.log(ww) + lp_w, np.log(ww) + lp_wu, np.log(wm) + lp_zm])
         x = am1 * log_r[None, :]
-        xmax = x.max(axis=1)
-        big = xmax > 30.0
-        wp = np.exp(log_wp)
+        big = x.max(axis=1) > 30.0
         val = np.empty(len(orders))
-        small = ~big
-        if small.any():
-            jint = np.sum(wp[None, :] * np.expm1(x[small]), axis=1)
-            val[small] = np.log1p(np.maximum(jint, -0.5))
-        if big.any():
-            y = log_wp[None, :] + x[big]
-            m = y.max(axis=1)
-            val[big] = m + np.log(np.sum(np.exp(y - m[:, None]), axis=1))
+        val[~big] = np.log1p(np.maximum(np.sum(np.exp(log_wp)[None, :] * np.expm1(x[~big]), axis=1), -0.5))
+        y = log_wp[None, :] + x[big]
+        m = y.max(axis=1)
+        val[big] = m + np.log(np.sum(np.exp(y - m[:, None]), axis=1))
         out[:, j] = np.maximum(val, 0.0) / am1[:, 0]
     return out
-
-
-def mixture_rdp(alpha: float, params: LmoParams, shift: float = 1.0) -> float:
-    """One-coordinate Renyi divergence of the released mixture at a shift (see divergence_table)."""
-    return float(divergence_table(params, [shift], [alpha])[0, 0])
 
 
 # -- the worst case over the L2 ball -----------------------------------------------------------
@@ -100,31 +81,22 @@ def _refine_max(fun, lo: float, hi: float) -> float:
 
 @functools.lru_cache(maxsize=512)
 def _unit_ball_constants(params: LmoParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """At SPARSE_ORDERS: K2 = sup_{0<u<=1} r(u)/u^2, K1 = sup r(u)/u, R = sup r(u).
-
-    r(u) is computed on a log grid of u in [1e-3, 1]; K2 also takes the u -> 0 limit
-    alpha*I/2 (I: Fisher information); a maximum found inside the grid is refined by a
-    bounded scalar search between its neighbours.
-    """
+    """At SPARSE_ORDERS: K2 = sup_{0<u<=1} r(u)/u^2, K1 = sup r(u)/u, R = sup r(u), with r on a log
+    grid of u in [1e-3, 1], a maximum inside the grid refined by a bounded scalar search between its
+    neighbours, and for K2 also the u -> 0 limit alpha*I/2 (I: Fisher information)."""
     u = _U_GRID
     r = divergence_table(params, u, SPARSE_ORDERS)
-    fisher = params.fisher_information()
-    k2 = np.empty(len(SPARSE_ORDERS))
-    k1 = np.empty(len(SPARSE_ORDERS))
-    rmax = np.empty(len(SPARSE_ORDERS))
+    out = np.empty((3, len(SPARSE_ORDERS)))  # rows: K2, K1, R
     for i, a in enumerate(SPARSE_ORDERS):
-        out = []
-        for power in (2, 1, 0):
+        for row, power in enumerate((2, 1, 0)):
             ratio = r[i] / u**power
             j = int(np.argmax(ratio))
-            best = float(ratio[j])
+            out[row, i] = float(ratio[j])
             if 0 < j < len(u) - 1:
-                best = max(best, _refine_max(lambda x, a=a, power=power: mixture_rdp(a, params, x) / x**power,
-                                             u[j - 1], u[j + 1]))
-            out.append(best)
-        k2[i] = max(out[0], a * fisher / 2.0)
-        k1[i], rmax[i] = out[1], out[2]
-    return k2, k1, rmax
+                f = lambda x, a=a, power=power: float(divergence_table(params, [x], [a])[0, 0]) / x**power
+                out[row, i] = max(out[row, i], _refine_max(f, u[j - 1], u[j + 1]))
+        out[0, i] = max(out[0, i], a * params.fisher_information() / 2.0)
+    return out[0], out[1], out[2]
 
 
 def _fill_orders(sparse_vals: np.ndarray) -> np.ndarray:
@@ -139,17 +111,13 @@ def _fill_orders(sparse_vals: np.ndarray) -> np.ndarray:
 
 
 def faithful_unsampled_rdp(params: LmoParams, dimension: int | None = None) -> np.ndarray:
-    """Upper bound on the RDP (at ORDERS) of one unsampled release: x + noise with x any
-    vector of L2 norm <= 1 (sensitivity normalised to 1) and i.i.d. LMO noise on d coordinates.
-
-    ``min(K2, sqrt(d) K1, d R)`` per order (``K2`` alone when d is unknown); see
-    :class:`LmoFaithfulAccountant` for the proof.
-    """
+    """Upper bound on the RDP (at ORDERS) of one unsampled release: x + i.i.d. LMO noise on d
+    coordinates, x any vector of L2 norm <= 1 (proof: :class:`LmoFaithfulAccountant`)."""
     return ball_bound(*_unit_ball_constants(params), dimension) * (1.0 + _QUADRATURE_MARGIN)
 
 
 def ball_bound(k2: np.ndarray, k1: np.ndarray, rmax: np.ndarray, dimension: int | None) -> np.ndarray:
-    """``min(K2, sqrt(d) K1, d R)`` at ORDERS from the constants at SPARSE_ORDERS."""
+    """``min(K2, sqrt(d) K1, d R)`` (``K2`` when d is unknown) at ORDERS from the constants at SPARSE_ORDERS."""
     bounds = [_fill_orders(k2)]
     if dimension is not None:
         bounds.append(math.sqrt(dimension) * _fill_orders(k1))
@@ -167,11 +135,9 @@ def check_dimension(dimension) -> None:
 
 @attr.s(frozen=True, slots=True, these={**{k: attr.ib() for k in PARAM_NAMES}, "dimension": attr.ib(default=None)})
 class LmoDpEvent(dp_event.DpEvent):
-    """One unsampled release: a sum of updates clipped to L2 norm C plus ``C * Laplace(0, 1/t_i)``
-    on each of `dimension` coordinates, ``t_i = a1 Gamma(G_k, G_theta) + a3 Exp(rate E_lambda)
-    + a4 U(U_a, U_b)`` i.i.d. Fields: the 8 `LmoParams` (unit-sensitivity: the noise is scaled
-    by C) and `dimension` (None: unknown; the accountant then uses the dimension-free bound).
-    """
+    """One unsampled release: a sum of updates clipped to L2 norm C plus C times LMO noise on each of
+    `dimension` coordinates. Fields: the 8 unit-sensitivity `LmoParams` and `dimension` (None:
+    unknown; the accountant then uses the dimension-free bound)."""
 
     @classmethod
     def from_params(cls, params: LmoParams, dimension: int | None = None) -> "LmoDpEvent":
@@ -188,13 +154,10 @@ def _as_float_tuple(v) -> tuple:
 
 @attr.s(frozen=True, slots=True)
 class LmoMixtureDpEvent(dp_event.DpEvent):
-    """One ELS step for one user with LMO noise: ``release`` (an unsampled :class:`LmoDpEvent`
-    at sensitivity C) with the user's contribution shifting the clipped sum by at most
-    ``sensitivities[j]`` * C with probability ``sampling_probs[j]`` -- for ELS, m = 0..k with
-    Binomial(k, q) probabilities. The LMO counterpart of dp_accounting's
-    ``MixtureOfGaussiansDpEvent``; accounted by ``lmo_faithful`` (:func:`mixture_subsampled_rdp`).
-    ``sensitivities`` must be 0, 1, ..., k.
-    """
+    """One ELS step for one user with LMO noise: ``release`` (an unsampled :class:`LmoDpEvent`)
+    with the user's contribution shifting the clipped sum by at most m C with probability
+    ``sampling_probs[m]``, ``sensitivities`` = (0, 1, ..., k): the LMO counterpart of dp_accounting's
+    ``MixtureOfGaussiansDpEvent``, accounted by :func:`mixture_subsampled_rdp`."""
 
     release: LmoDpEvent = attr.ib()
     sensitivities: tuple = attr.ib(converter=_as_float_tuple)
@@ -214,8 +177,7 @@ register_event_type(LmoMixtureDpEvent)
 def lmo_els_step_event(release: LmoDpEvent, k: int, q: float) -> LmoMixtureDpEvent:
     """One ELS step with LMO noise: Binomial(k, q) of the user's k examples in the batch."""
     check_sampling_rate(q)
-    pmf = binomial_pmf(k, q)
-    return LmoMixtureDpEvent(release, range(k + 1), pmf)
+    return LmoMixtureDpEvent(release, range(k + 1), binomial_pmf(k, q))
 
 
 def lmo_event(params: LmoParams, *, q: float, steps: int, dimension: int | None) -> dp_event.DpEvent:
@@ -224,12 +186,6 @@ def lmo_event(params: LmoParams, *, q: float, steps: int, dimension: int | None)
     check_steps(steps)
     return dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, LmoDpEvent.from_params(params, dimension)),
                                         steps)
-
-
-def lmo_els_event(params: LmoParams, *, k: int, q: float, steps: int, dimension: int | None) -> dp_event.DpEvent:
-    """T ELS steps with LMO noise: each a Binomial(k, q) mixture over the user's k examples."""
-    check_steps(steps)
-    return dp_event.SelfComposedDpEvent(lmo_els_step_event(LmoDpEvent.from_params(params, dimension), k, q), steps)
 
 
 # -- the accountant ----------------------------------------------------------------------------
@@ -255,10 +211,9 @@ def _release_rdp(release: dp_event.DpEvent, q: float | None) -> np.ndarray:
 class LmoFaithfulAccountant(ReleaseCounter):
     """Upper bound on the (eps, delta) of LMO releases as fedsim makes them ("lmo_faithful").
 
-    Releases: ``LmoDpEvent``, ``PoissonSampledDpEvent(q, LmoDpEvent | GaussianDpEvent |
-    NoOpDpEvent)``, the ELS step ``LmoMixtureDpEvent`` (:func:`mixture_subsampled_rdp`) and
-    ``GaussianDpEvent`` (Gaussians through dp_accounting's RDP, so a ledger may mix
-    mechanisms), composed in any way `ReleaseCounter` walks.
+    Releases: ``LmoDpEvent``, ``LmoMixtureDpEvent``, ``GaussianDpEvent`` (through dp_accounting's
+    RDP, so a ledger may mix mechanisms) and ``PoissonSampledDpEvent`` of the first or third or
+    of ``NoOpDpEvent``, composed in any way `ReleaseCounter` walks.
 
     Derivation (sensitivity normalised to 1, i.e. the unit-sensitivity params):
 
@@ -273,24 +228,21 @@ class LmoFaithfulAccountant(ReleaseCounter):
        * ``sum_i r(x_i) <= K1 * ||x||_1 <= K1 sqrt(d)``, ``K1 = sup_{0<u<=1} r(u)/u``;
        * ``sum_i r(x_i) <= d * sup_{u<=1} r(u)``.
 
-       The minimum is the per-step bound. For Laplace-type noise r(u) ~ a I u^2 / 2 as
-       u -> 0 (I the Fisher information of p) and grows ~linearly for large u, so r/u^2 is
-       largest at u -> 0 (checked numerically, and the limit a I / 2 is always included).
-       The K2 bound is attained as d grows: x = (1/sqrt(k), ..., 1/sqrt(k), 0, ...) gives
-       ``k r(1/sqrt(k)) -> a I / 2``. Hence for a large model LMO noise of variance V costs
-       at least as much as a Gaussian of variance 1/I <= V (Cramer-Rao: V * I >= 1, with
-       equality only for the Gaussian) -- in high dimension LMO cannot beat the Gaussian
-       at equal per-coordinate variance. For d = 1 the bound is sup_{u<=1} r(u) <= the
-       paper's formula (`fedsim.privacy.lmo.paper`).
+       The minimum is the per-step bound. For Laplace-type noise r(u) ~ a I u^2 / 2 as u -> 0
+       (I the Fisher information of p) and grows ~linearly for large u, so r/u^2 is largest at
+       u -> 0 (checked numerically; the limit a I / 2 is always included). The K2 bound is attained
+       as d grows: x = (1/sqrt(k), ..., 1/sqrt(k), 0, ...) gives ``k r(1/sqrt(k)) -> a I / 2``. So
+       in high dimension LMO noise of variance V costs at least as much as a Gaussian of variance
+       1/I <= V (Cramer-Rao: V I >= 1, equality only for the Gaussian). For d = 1 the bound is
+       sup_{u<=1} r(u) <= the paper's formula (`fedsim.privacy.lmo.paper`).
     3. **Poisson subsampling**: :func:`subsampled_rdp` (both add/remove directions,
        integer orders 2..256).
     4. **Composition** adds RDP; **conversion** to (eps, delta) by Canonne, Kamath, Steinke
        2020 (arXiv 2004.00010, Prop. 12) through dp_accounting's `compute_epsilon`.
 
-    Numerical caveats: r is computed by quadrature (checked against scipy's adaptive quad
-    to ~1e-9 relative in the tests); the suprema over u are taken on a grid of 43 points
-    in [1e-3, 1] plus the u -> 0 limit with local refinement; intermediate orders use
-    convexity chords (rigorous). Cost: ~0.1-0.5 s per distinct LmoDpEvent (cached).
+    Numerical caveats: r is computed by quadrature (checked against scipy's adaptive quad to ~1e-9
+    relative in the tests), its suprema over u on a grid (`_unit_ball_constants`); intermediate
+    orders use convexity chords (rigorous). Cost: ~0.1-0.5 s per distinct LmoDpEvent (cached).
     """
 
     name = "lmo_faithful"
@@ -340,5 +292,6 @@ def faithful_epsilon(params: LmoParams, *, q: float, steps: int, delta: float, d
 def faithful_els_epsilon(params: LmoParams, *, k: int, q: float, steps: int, delta: float,
                          dimension: int | None) -> float:
     """The lmo_faithful user-level epsilon of `steps` ELS steps (k examples per user, example rate q)."""
-    event = lmo_els_event(params, k=k, q=q, steps=steps, dimension=dimension)
+    check_steps(steps)
+    event = dp_event.SelfComposedDpEvent(lmo_els_step_event(LmoDpEvent.from_params(params, dimension), k, q), steps)
     return LmoFaithfulAccountant().compose(event).get_epsilon(delta)

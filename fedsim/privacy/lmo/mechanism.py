@@ -16,16 +16,14 @@ from fedsim.privacy.mechanisms import NoiseMechanism
 
 
 class LmoMechanism(NoiseMechanism):
-    """``C * Laplace(0, 1/t_i)`` added to each coordinate of the clipped sum, t_i i.i.d. LMO rates.
-
-    `params` are unit-sensitivity (for a sum of updates clipped to C the noise is scaled by C);
-    `dimension` (number of noised coordinates) sharpens the accounting when small and is
-    optional. Accounting: ``lmo_faithful`` (see :class:`LmoFaithfulAccountant`).
-    """
+    """``C * Laplace(0, 1/t_i)`` added to each coordinate of the clipped sum, t_i i.i.d. LMO rates
+    (`params`: unit-sensitivity). `dimension` (number of noised coordinates, optional) sharpens the
+    accounting when small. Accounting: ``lmo_faithful`` (:class:`LmoFaithfulAccountant`)."""
 
     name = "lmo"
     default_accountant = "lmo_faithful"
     config_key = "lmo"
+    needs_dimension = True
 
     def __init__(self, clip_norm: float, params: LmoParams | Mapping, dimension: int | None = None):
         super().__init__(clip_norm)
@@ -50,9 +48,8 @@ class LmoMechanism(NoiseMechanism):
     def calibrated(cls, clip_norm: float, *, target_epsilon: float, delta: float, q: float, steps: int,
                    k: int | None = None, accountant: str = "lmo_faithful", dimension: int | None = None,
                    cache=None, objective: str = "variance", **search_options) -> "LmoMechanism":
-        """The best LMO noise (by `objective`) whose `steps` ULS rounds (k None) or ELS steps
-        (k examples per user) meet (target_epsilon, delta): the offline search of
-        `fedsim.privacy.lmo.search` (`cache`: its result store, `search_options`: its knobs)."""
+        """The best LMO noise (by `objective`) whose `steps` ULS rounds (k None) or ELS steps (k examples
+        per user) meet (target_epsilon, delta), by `fedsim.privacy.lmo.search` (`cache`, `search_options`)."""
         from fedsim.privacy.lmo.search import search
 
         res = search(target_epsilon, delta, q, steps, dimension, objective, accountant=accountant,
@@ -63,9 +60,8 @@ class LmoMechanism(NoiseMechanism):
     def from_search_result(cls, clip_norm: float, result, dimension: int | None = None) -> "LmoMechanism":
         """From a search result: an `LmoSearchResult`, its dict / JSON file (``{"params": {...}}``),
         or a bare parameter mapping."""
-        if hasattr(result, "params") and isinstance(result.params, LmoParams):
-            params = result.params
-            dimension = dimension if dimension is not None else getattr(result, "dimension", None)
+        if isinstance(getattr(result, "params", None), LmoParams):
+            params, found = result.params, getattr(result, "dimension", None)
         else:
             if isinstance(result, (str, Path)):
                 try:
@@ -75,9 +71,9 @@ class LmoMechanism(NoiseMechanism):
             if not isinstance(result, Mapping):
                 raise ValueError("an LMO search result must be a mapping with a 'params' entry")
             params = LmoParams.from_dict(result.get("params", result), strict=False)
-            setting = result.get("setting", {}) if isinstance(result.get("setting", {}), Mapping) else {}
-            dimension = dimension if dimension is not None else setting.get("dimension")
-        return cls(clip_norm, params, dimension)
+            setting = result.get("setting")
+            found = setting.get("dimension") if isinstance(setting, Mapping) else None
+        return cls(clip_norm, params, found if dimension is None else dimension)
 
     def sample_noise(self, stream, n: int) -> torch.Tensor:
         return sample_lmo_noise(self.params, stream, n, scale=self.clip_norm)

@@ -1,22 +1,16 @@
-"""The LMO-DP paper's accounting (Yang et al., arXiv 2405.18776), reproduced and labelled.
+"""The LMO-DP paper's accounting (arXiv 2405.18776), reproduced for comparison only: **not an
+upper bound** on what fedsim releases (it can err either way; `paper_epsilon` lists its flaws).
 
-**Not an upper bound** on what fedsim releases (it can err either way); never used for a
-budget, only for comparison (`paper_epsilon` lists its flaws).
-
-What the paper's closed form computes
--------------------------------------
-For fixed t the Renyi divergence of Laplace(0, 1/t) from Laplace(u, 1/t) is
-``rho_t(u) = log[(a e^{(a-1)tu} + (a-1) e^{-a t u}) / (2a-1)] / (a-1)`` (Mironov 2017,
-Prop. 6). The paper's formula equals ``log E_t[exp((a-1) rho_t(1))] / (a-1)``, which is the
-Renyi divergence of the *pair* (t, Y): the output together with the random rate, as
-if t were published. Dropping t is post-processing, so by the data-processing inequality
-(equivalently, joint convexity of ``exp((a-1) D_a)``) the divergence of the mixture
-density -- what is actually released -- is **at most** the paper's value, and strictly
-smaller for a non-degenerate t. (It is not "the average of per-t divergences" E_t[rho_t]
-either: that average is below the paper's value by Jensen, but it is the divergence of
-nothing released and bounds nothing.)
-So the 1-D, shift-1 formula over-states the per-coordinate loss; the paper's accounting
-goes wrong elsewhere (dimension and subsampling, see :func:`paper_epsilon`).
+What the paper's closed form computes: for fixed t the Renyi divergence of Laplace(0, 1/t) from
+Laplace(u, 1/t) is ``rho_t(u) = log[(a e^{(a-1)tu} + (a-1) e^{-a t u}) / (2a-1)] / (a-1)`` (Mironov
+2017, Prop. 6). The paper's formula equals ``log E_t[exp((a-1) rho_t(1))] / (a-1)``, the Renyi
+divergence of the *pair* (t, Y), as if t were published. Dropping t is post-processing, so by the
+data-processing inequality (equivalently, joint convexity of ``exp((a-1) D_a)``) the divergence of
+the mixture density -- what is actually released -- is **at most** the paper's value, and strictly
+smaller for a non-degenerate t. (Nor is it the average E_t[rho_t]: that is below the paper's value
+by Jensen, but it is the divergence of nothing released and bounds nothing.) So the 1-D, shift-1
+formula over-states the per-coordinate loss; the accounting goes wrong elsewhere (dimension and
+subsampling, see :func:`paper_epsilon`).
 """
 
 from __future__ import annotations
@@ -35,14 +29,10 @@ PAPER_VARIANTS = ("per_step", "composed")
 
 
 def lmo_valid_order_limit(params: LmoParams, sensitivity: float = 1.0) -> float:
-    """Sup of the orders alpha at which the paper's formula is finite: a1*G_theta*s*(alpha-1) < 1
-    and a3*s*(alpha-1) < E_lambda (s the sensitivity). inf when neither Gamma nor Exp is used."""
-    lim = math.inf
-    if params.a1 > 0:
-        lim = min(lim, 1 + 1.0 / (params.a1 * params.G_theta * sensitivity))
-    if params.a3 > 0:
-        lim = min(lim, 1 + params.E_lambda / (params.a3 * sensitivity))
-    return lim
+    """Sup of the orders alpha at which the paper's formula is finite (the MGF of t at s(alpha-1),
+    s the sensitivity, exists); inf when neither Gamma nor Exp is used."""
+    gamma_lim = 1 + 1.0 / (params.a1 * params.G_theta * sensitivity) if params.a1 > 0 else math.inf
+    return min(gamma_lim, 1 + params.E_lambda / (params.a3 * sensitivity) if params.a3 > 0 else math.inf)
 
 
 def lmo_rdp(alpha: float, params: LmoParams, sensitivity: float = 1.0) -> float:
@@ -50,11 +40,8 @@ def lmo_rdp(alpha: float, params: LmoParams, sensitivity: float = 1.0) -> float:
 
         eps(alpha) = log[(alpha M(s(alpha-1)) + (alpha-1) M(-s alpha)) / (2 alpha - 1)] / (alpha - 1)
 
-    with M the MGF of t. This is exactly the Renyi divergence of the pair (t, output) --
-    the output *with* its random rate -- which upper-bounds the divergence of the released
-    mixture (module docstring). It is finite only while a1*G_theta*s*(alpha-1) < 1 and
-    a3*s*(alpha-1) < E_lambda; other orders are refused (the paper's code evaluates them
-    anyway, and with an integer G_k the Gamma factor then is a finite meaningless number).
+    with M the MGF of t: the divergence of (t, output) (module docstring). Orders where M diverges
+    are refused (the paper's code evaluates them anyway: with an integer G_k, to a meaningless number).
     """
     alpha = float(alpha)
     if not alpha > 1 or not math.isfinite(alpha):
@@ -75,8 +62,8 @@ def lmo_rdp(alpha: float, params: LmoParams, sensitivity: float = 1.0) -> float:
 
 
 def paper_rdp_curve(params: LmoParams, orders=PAPER_ORDERS) -> np.ndarray:
-    """The paper's per-step RDP (:func:`lmo_rdp`, sensitivity 1) at `orders`, vectorised; inf outside
-    the validity region and where the value is not positive, as their `compute_privacy_lmo` does."""
+    """:func:`lmo_rdp` (sensitivity 1) at `orders`, vectorised; inf outside the validity region and
+    where the value is not positive, as their `compute_privacy_lmo` does."""
     a = np.asarray(orders, dtype=float)
     lm_pos = params.log_mgf_array(a - 1)
     lm_neg = params.log_mgf_array(-a)
@@ -97,15 +84,13 @@ def _amplified(eps: float, q: float) -> float:
 def paper_epsilon(params: LmoParams, *, q: float, steps: int, delta: float, variant: str = "per_step") -> float:
     """Epsilon as the LMO-DP paper's public code computes it. **Not an upper bound.**
 
-    Both steps start from the 1-D, shift-1 RDP formula :func:`lmo_rdp` at alpha = 2..128
-    (orders outside the validity region dropped; the code does not drop them) and convert
-    with CKS (arXiv 2004.00010, Prop. 12; their `get_privacy_spent` is the same formula as
-    dp_accounting's `compute_epsilon`). Then, as in their code:
+    Both variants start from :func:`lmo_rdp` at alpha = 2..128 (orders outside the validity region
+    dropped; their code does not drop them) and convert with CKS (arXiv 2004.00010, Prop. 12; their
+    `get_privacy_spent` is dp_accounting's `compute_epsilon`). Then, as in their code:
 
-    * ``variant="per_step"`` (the paper's public offline noise search, which produced their
-      parameters): one step's epsilon at `delta`, "amplified" as
-      ``log(1 + q (e^eps - 1))``, times `steps` (their search keeps it below target/T).
-      The total delta is really steps*delta (not reported by them);
+    * ``variant="per_step"`` (their public offline noise search, which produced their parameters):
+      one step's epsilon at `delta`, "amplified" as ``log(1 + q (e^eps - 1))``, times `steps`
+      (their search keeps it below target/T). The total delta is really steps*delta (unreported);
     * ``variant="composed"`` (the paper's public privacy-checking code, `compute_privacy_lmo(lmo, steps)`
       then `get_log_epsilon`): RDP times `steps`, converted, then amplified the same way.
 

@@ -1,12 +1,9 @@
 """LMO noise parameters: the law of the random Laplace rate t, its MGF and moments, the
 closed-form noise density, and the quadrature nodes every integral over it uses.
 
-``t = a1 * Gamma(shape=G_k, scale=G_theta) + a3 * Exponential(rate=E_lambda) + a4 * Uniform(U_a, U_b)``
-and the unit-sensitivity noise is Laplace(0, 1/t), so its density is the mixture
-``p(z) = E_t[(t/2) exp(-t|z|)]``. Writing ``m(w) = E[exp(-w t)] = M(-w)`` (the Laplace
-transform of t; ``M(s) = E[e^{s t}]`` its MGF, the product of the three component MGFs at
-``a1 s, a3 s, a4 s``) gives the closed form ``p(z) = -(1/2) m'(|z|)``, used everywhere (no
-numerical integration over t).
+The unit-sensitivity noise Laplace(0, 1/t) has the mixture density ``p(z) = E_t[(t/2) exp(-t|z|)]``.
+With ``m(w) = E[exp(-w t)] = M(-w)`` (``M`` the MGF of t, the product of the three component
+MGFs at ``a1 s, a3 s, a4 s``) it is ``p(z) = -(1/2) m'(|z|)``: no numerical integration over t.
 """
 
 from __future__ import annotations
@@ -60,9 +57,9 @@ _dphi = _series_below(1e-2, lambda x: -1.0 / 12 + x**2 / 240 - x**4 / 6048,
 class LmoParams:
     """Unit-sensitivity LMO noise parameters, named as in the paper's code.
 
-    ``t = a1*Gamma(G_k, scale G_theta) + a3*Exponential(rate E_lambda) + a4*Uniform(U_a, U_b)``
-    and the noise is Laplace(0, 1/t). Note that ``E_lambda`` is a *rate* (mean 1/E_lambda),
-    as the MGF in the paper assumes; the paper's sampler passes it to numpy as a scale.
+    ``t = a1*Gamma(G_k, scale G_theta) + a3*Exponential(rate E_lambda) + a4*Uniform(U_a, U_b)``,
+    noise Laplace(0, 1/t). ``E_lambda`` is a *rate* (mean 1/E_lambda), as the paper's MGF
+    assumes; the paper's sampler passes it to numpy as a scale.
     """
 
     a1: float
@@ -92,7 +89,6 @@ class LmoParams:
         if not self.U_b > self.U_a:
             raise ValueError(f"lmo.U_b must be > lmo.U_a, got U_a={self.U_a!r}, U_b={self.U_b!r}")
 
-    # ---- construction helpers ------------------------------------------------------
     @classmethod
     def from_dict(cls, d: Mapping, *, strict: bool = True) -> "LmoParams":
         """From a mapping with the 8 parameter keys. `strict=False` ignores other keys
@@ -105,13 +101,10 @@ class LmoParams:
         extra = sorted(set(d) - set(PARAM_NAMES))
         if extra and strict:
             raise ValueError(f"unknown LMO parameter(s) {', '.join(extra)}; expected {', '.join(PARAM_NAMES)}")
-        vals = {}
         for k in PARAM_NAMES:
-            v = d[k]
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                raise ValueError(f"lmo.{k} must be a number, got {v!r}")
-            vals[k] = float(v)
-        return cls(**vals)
+            if isinstance(d[k], bool) or not isinstance(d[k], numbers.Real):
+                raise ValueError(f"lmo.{k} must be a number, got {d[k]!r}")
+        return cls(**{k: float(d[k]) for k in PARAM_NAMES})
 
     def to_dict(self) -> dict:
         return {k: float(getattr(self, k)) for k in PARAM_NAMES}
@@ -122,25 +115,13 @@ class LmoParams:
             raise ValueError(f"scale must be positive and finite, got {c!r}")
         return attr.evolve(self, a1=self.a1 * c, a3=self.a3 * c, a4=self.a4 * c)
 
-    # ---- effective components: a1*Gamma(k, th) = Gamma(k, a1*th), a3*Exp(rate l) = Exp(rate l/a3),
-    # ---- a4*U(a, b) = U(a4*a, a4*b)
-    @property
-    def _g_scale(self) -> float:
-        return self.a1 * self.G_theta
+    # effective components: a1*Gamma(k, th) = Gamma(k, a1*th), a3*Exp(rate l) = Exp(rate l/a3),
+    # a4*U(a, b) = U(a4*a, a4*b)
+    _g_scale = property(lambda self: self.a1 * self.G_theta)
+    _e_rate = property(lambda self: self.E_lambda / self.a3 if self.a3 > 0 else math.inf)
+    _u_lo = property(lambda self: self.a4 * self.U_a)
+    _u_width = property(lambda self: self.a4 * (self.U_b - self.U_a))
 
-    @property
-    def _e_rate(self) -> float:
-        return self.E_lambda / self.a3 if self.a3 > 0 else math.inf
-
-    @property
-    def _u_lo(self) -> float:
-        return self.a4 * self.U_a
-
-    @property
-    def _u_width(self) -> float:
-        return self.a4 * (self.U_b - self.U_a)
-
-    # ---- MGF and moments -----------------------------------------------------------
     def log_mgf_array(self, s) -> np.ndarray:
         """log E[exp(s t)] elementwise; +inf where the MGF diverges (s*a1*G_theta >= 1 or s*a3 >= E_lambda)."""
         s = np.asarray(s, dtype=float)
@@ -159,13 +140,7 @@ class LmoParams:
         return np.where(bad, np.inf, out)
 
     def log_mgf(self, s: float) -> float:
-        """log E[exp(s t)]; +inf where the MGF diverges (s*a1*G_theta >= 1 or s*a3 >= E_lambda)."""
         return float(self.log_mgf_array(np.array([float(s)]))[0])
-
-    def mgf(self, s: float) -> float:
-        """M(s) = E[exp(s t)] = M_Gamma(a1 s) * M_Exp(a3 s) * M_Unif(a4 s) (inf outside its domain)."""
-        lm = self.log_mgf(s)
-        return math.inf if lm == math.inf else math.exp(lm)
 
     def mean_t(self) -> float:
         return self.a1 * self.G_k * self.G_theta + self.a3 / self.E_lambda + self.a4 * (self.U_a + self.U_b) / 2
@@ -175,17 +150,32 @@ class LmoParams:
                 + self.a4**2 * (self.U_b - self.U_a) ** 2 / 12)
 
     def tail_exponent(self) -> float:
-        """p such that m(w) = E[e^{-wt}] ~ w^{-p} as w -> inf (inf: t bounded away from 0).
-
-        E[t^{-n}] < inf iff p > n; the noise has E|z|^n < inf iff p > n as well.
-        """
+        """p such that m(w) = E[e^{-wt}] ~ w^{-p} as w -> inf (inf: t bounded away from 0): E[t^{-n}]
+        and E|noise|^n are finite iff p > n."""
         if self.a4 > 0 and self.U_a > 0:
             return math.inf
         return (self.G_k if self.a1 > 0 else 0.0) + (self.a3 > 0) + (self.a4 > 0)  # Gamma: G_k, Exp and U: 1 each
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (params are few and small)
     def inverse_moment(self, n: int) -> float:
-        """E[t^{-n}] = (1/Gamma(n)) * int_0^inf w^{n-1} m(w) dw (inf when the tail exponent <= n)."""
-        return _inverse_moment(self, int(n))
+        """E[t^{-n}] = (1/Gamma(n)) int_0^inf w^{n-1} m(w) dw (inf when the tail exponent <= n), by
+        Gauss-Legendre on geometric panels up to W = 1e10/E[t] plus the tail beyond W bounded through
+        the local decay exponent p(W) = W g(W) (it only grows with w, so m(w) <= m(W) (W/w)^p(W))."""
+        n = int(n)
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        if self.tail_exponent() <= n:
+            return math.inf
+        w, wt = _halfline_nodes(1.0 / self.mean_t())
+        body = float(np.sum(wt * np.exp((n - 1) * np.log(np.maximum(w, 1e-300)) + self._log_m(w))))
+        big_w = float(w[-1])
+        p_loc = float(big_w * self._g(np.array([big_w]))[0])
+        if p_loc > n + 0.05:
+            tail = math.exp(n * math.log(big_w) + float(self._log_m(np.array([big_w]))[0])) / (p_loc - n)
+        else:  # not yet in the asymptotic regime: adaptive quadrature of the tail
+            f = lambda x: math.exp((n - 1) * math.log(x) + float(self._log_m(np.array([x]))[0]))  # noqa: E731
+            tail = integrate.quad(f, big_w, math.inf, limit=400, epsabs=0, epsrel=1e-10)[0]
+        return (body + tail) / math.gamma(n)
 
     def noise_variance(self) -> float:
         """Per-coordinate variance of the unit-sensitivity noise Laplace(0, 1/t): E[2/t^2] (may be inf)."""
@@ -204,11 +194,12 @@ class LmoParams:
             raise ValueError(f"gamma must be > 0, got {gamma!r}")
         return float(-math.expm1(self.log_mgf(-gamma)))
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019
     def fisher_information(self) -> float:
         """Fisher information of the location family p(z - u): int p'^2 / p (finite: p' is bounded by E[t^2]/2)."""
-        return _fisher_information(self)
+        w, wt = _halfline_nodes(1.0 / self.mean_t())
+        return float(2.0 * np.sum(wt * np.exp(self.log_density_abs(w)) * self.score_abs(w) ** 2))
 
-    # ---- density (vectorised numpy) ------------------------------------------------
     def _log_m(self, w: np.ndarray) -> np.ndarray:
         """log m(w) = log E[e^{-w t}] for w >= 0."""
         w = np.asarray(w, dtype=float)
@@ -251,35 +242,6 @@ class LmoParams:
         return -g + self._g(w, derivative=True) / g
 
 
-@functools.lru_cache(maxsize=4096)
-def _inverse_moment(params: LmoParams, n: int) -> float:
-    """E[t^{-n}] = (1/Gamma(n)) int_0^inf w^{n-1} m(w) dw, by Gauss-Legendre on geometric panels
-    up to W = 1e10/E[t] plus the tail beyond W bounded through the local decay exponent
-    p(W) = W g(W) (it only grows with w, so m(w) <= m(W) (W/w)^p(W) for w >= W)."""
-    if n < 1:
-        raise ValueError("n must be >= 1")
-    if params.tail_exponent() <= n:
-        return math.inf
-    w, wt = _halfline_nodes(1.0 / params.mean_t())
-    body = float(np.sum(wt * np.exp((n - 1) * np.log(np.maximum(w, 1e-300)) + params._log_m(w))))
-    big_w = float(w[-1])
-    p_loc = float(big_w * params._g(np.array([big_w]))[0])
-    if p_loc > n + 0.05:
-        tail = math.exp(n * math.log(big_w) + float(params._log_m(np.array([big_w]))[0])) / (p_loc - n)
-    else:  # not yet in the asymptotic regime: adaptive quadrature of the tail
-        f = lambda x: math.exp((n - 1) * math.log(x) + float(params._log_m(np.array([x]))[0]))  # noqa: E731
-        tail = integrate.quad(f, big_w, math.inf, limit=400, epsabs=0, epsrel=1e-10)[0]
-    return (body + tail) / math.gamma(n)
-
-
-@functools.lru_cache(maxsize=4096)
-def _fisher_information(params: LmoParams) -> float:
-    w, wt = _halfline_nodes(1.0 / params.mean_t())
-    lp = params.log_density_abs(w)
-    score = params.score_abs(w)
-    return float(2.0 * np.sum(wt * np.exp(lp) * score**2))
-
-
 # -- quadrature nodes -------------------------------------------------------------------------
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(12)
@@ -288,30 +250,20 @@ _GL_X, _GL_W = np.polynomial.legendre.leggauss(12)
 def _panel_nodes(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b = edges[:-1], edges[1:]
     mid, half = (a + b) / 2, (b - a) / 2
-    x = (mid[:, None] + half[:, None] * _GL_X[None, :]).ravel()
-    w = (half[:, None] * _GL_W[None, :]).ravel()
-    return x, w
+    return (mid[:, None] + half[:, None] * _GL_X[None, :]).ravel(), (half[:, None] * _GL_W[None, :]).ravel()
 
 
 @functools.lru_cache(maxsize=64)
-def _halfline_nodes_cached(scale: float) -> tuple[np.ndarray, np.ndarray]:
-    lo, hi = 1e-7 * scale, 1e10 * scale
-    n = int(math.ceil(math.log2(hi / lo))) + 1
-    edges = np.concatenate([[0.0], np.geomspace(lo, hi, n)])
-    return _panel_nodes(edges)
-
-
 def _halfline_nodes(scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Gauss-Legendre on geometric panels covering [0, 1e10*scale] (integrands here decay
     at least like w^{-(p+2)} with p the tail exponent, or exponentially)."""
-    return _halfline_nodes_cached(float(scale))
+    lo, hi = 1e-7 * scale, 1e10 * scale
+    n = int(math.ceil(math.log2(hi / lo))) + 1
+    return _panel_nodes(np.concatenate([[0.0], np.geomspace(lo, hi, n)]))
 
 
 def _interval_nodes(u: float, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Nodes on [0, u], geometric panels refined toward both ends (kinks of the integrand)."""
-    h = min(u / 2, scale)
-    lo = 1e-6 * h
-    n = max(2, int(math.ceil(math.log2((u / 2) / lo))) + 1)
-    left = np.concatenate([[0.0], np.geomspace(lo, u / 2, n)])
-    edges = np.concatenate([left, (u - left[::-1])[1:]])
-    return _panel_nodes(edges)
+    lo = 1e-6 * min(u / 2, scale)
+    left = np.concatenate([[0.0], np.geomspace(lo, u / 2, max(2, int(math.ceil(math.log2((u / 2) / lo))) + 1))])
+    return _panel_nodes(np.concatenate([left, (u - left[::-1])[1:]]))

@@ -8,8 +8,7 @@ from fedsim.privacy.lmo.params import LmoParams
 
 
 def sample_t(params: LmoParams, stream, n: int) -> torch.Tensor:
-    """n draws (float64, CPU) of the random Laplace rate t, from a `RandomStream`
-    (`privacy/randomness.py`: the one source of secret random bits)."""
+    """n draws (float64, CPU) of the random Laplace rate t."""
     t = torch.zeros(int(n), dtype=torch.float64)
     if params.a1 > 0:
         t.add_(stream.gamma(params.G_k, n), alpha=params.a1 * params.G_theta)  # a1 * Gamma(G_k, scale G_theta)

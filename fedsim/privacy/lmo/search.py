@@ -1,33 +1,23 @@
 """Offline search for LMO-DP noise parameters (arXiv 2405.18776, "offline optimal noise search").
 
-`search(epsilon, delta, q, steps, dimension, objective=...)` returns the LMO parameters with
-the best objective (smallest per-coordinate variance, smallest E|noise|, or largest
-P(|noise| <= gamma)) among those that **meet the target** (epsilon, delta) for `steps`
-Poisson(q)-subsampled releases in `dimension` coordinates under the chosen accountant:
-``"lmo_faithful"`` (the upper bound fedsim budgets with) or ``"paper"`` (the paper's own
+`search` returns the LMO parameters with the best objective (smallest per-coordinate variance,
+smallest E|noise|, or largest P(|noise| <= gamma)) among those that **meet the target** (epsilon,
+delta) for `steps` Poisson(q)-subsampled releases in `dimension` coordinates under the chosen
+accountant: ``"lmo_faithful"`` (the upper bound fedsim budgets with) or ``"paper"`` (the paper's
 per-step accounting, reproduced for comparison; not an upper bound).
 
-How:
+1. *Shape and scale.* Scaling t by c divides the noise by c: every objective improves and
+   epsilon grows with c, so for a *shape* (the law of t up to scale) the best admissible point
+   is the largest c that meets the target. The search is over shapes only.
+2. *Grid.* The paper's grid (:func:`paper_grid`) is screened with a cheap proxy (faithful: the
+   scale at which the high-dimension bound alpha*I/2 per step meets the target; paper: exact);
+   the best few shapes are calibrated exactly.
+3. *Refinement.* Nelder-Mead on the log of the shape ratios (Gamma shape, Exp mean / Gamma
+   scale, uniform width and offset / Gamma scale), each point calibrated.
+4. *Verification.* The final parameters are re-checked with the accountant itself and their
+   scale set to the largest it confirms. An infeasible result is never returned.
 
-1. *Shape and scale.* Scaling t by c divides the noise by c; every objective improves and
-   epsilon grows with c. So for a *shape* (the law of t up to scale) the best admissible
-   point is the largest c that meets the target (`find_boundary`). The search is over
-   shapes only.
-2. *Grid.* The grid of the paper's public noise-search code: a1, a3, a4 in
-   linspace(0.1, 0.9, 9) ("full"; "coarse" keeps {0.1, 0.5, 0.9}), (G_theta, G_k) in
-   [(1,2), (2,2), (3,2), (5,1), (9,0.5), (7.5,1), (0.5,1)], E_lambda in [0.1, 0.5, 1, 5],
-   (U_b, U_a) in [(1,0), (2,1)]. Shapes are screened with a cheap proxy (faithful: the
-   scale at which the high-dimension bound alpha*I/2 per step meets the target; paper:
-   exact), the best few are calibrated exactly.
-3. *Refinement.* Nelder-Mead on the log of the shape ratios (Gamma shape, Exp mean /
-   Gamma scale, uniform width and offset / Gamma scale), each point calibrated.
-4. *Verification.* The final parameters are re-checked with the accountant itself
-   (`LmoFaithfulAccountant` on the run's event, or `paper_epsilon`) and their scale set to
-   the largest the accountant confirms. An infeasible result is never returned.
-
-This module computes only: a result store (`cache`, with ``load(setting)`` and
-``store(result)``) and a progress display (`progress`, with rich's ``add_task`` and
-``advance``) are passed in (`fedsim.lmo_search` has the JSON cache and the CLI).
+The result cache and progress display are passed in (`fedsim.lmo_search` has both).
 """
 
 from __future__ import annotations
@@ -35,14 +25,14 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 
+import attr
 import numpy as np
 from scipy import optimize, special
 
 from fedsim.privacy.accounting import check_delta, check_positive, check_sampling_rate, check_steps
-from fedsim.privacy.calibration import find_boundary
+from fedsim.privacy.calibration import calibrate_gaussian_noise_multiplier, find_boundary
 from fedsim.privacy.lmo.faithful import (SPARSE_ORDERS, ball_bound, check_dimension, divergence_table,
                                           faithful_els_epsilon, faithful_epsilon)
 from fedsim.privacy.lmo.paper import PAPER_VARIANTS, paper_epsilon
@@ -61,58 +51,45 @@ PAPER_SEARCH_VARIANT = "per_step"
 _PAPER_G_THETA_K = [(1, 2), (2, 2), (3, 2), (5, 1), (9, 0.5), (7.5, 1), (0.5, 1)]
 _PAPER_E_LAMBDA = [0.1, 0.5, 1, 5]
 _PAPER_U_B_A = [(1, 0), (2, 1)]
-#: fields that may be infinite (an infinite noise variance, say): None in JSON
-_MAYBE_INFINITE = ("noise_std", "expected_magnitude", "epsilon_faithful", "objective_value")
 
 
-def _json_ready(v):
-    if isinstance(v, LmoParams):
-        return v.to_dict()
-    if isinstance(v, dict):
-        return {k: _json_ready(x) for k, x in v.items()}
+def _from_json(v) -> float:
+    return math.inf if v is None else float(v)
+
+
+def _to_json(_instance, _field, v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-@dataclass
+@attr.s(auto_attribs=True)
 class LmoSearchResult:
-    """The searched parameters and everything needed to compare them (noise in units of C)."""
+    """The searched parameters and everything needed to compare them (noise in units of C).
+    Infinite values (an infinite noise variance, say) are None in JSON."""
 
-    params: LmoParams
+    params: LmoParams = attr.ib(converter=lambda p: p if isinstance(p, LmoParams) else LmoParams.from_dict(p))
     setting: dict
-    noise_std: float
-    expected_magnitude: float
+    noise_std: float = attr.ib(converter=_from_json)
+    expected_magnitude: float = attr.ib(converter=_from_json)
     usefulness: float
-    epsilon_faithful: float
-    epsilon_paper: dict
+    epsilon_faithful: float = attr.ib(converter=_from_json)
+    epsilon_paper: dict = attr.ib(converter=lambda d: {k: _from_json(v) for k, v in d.items()})
     gaussian: dict
-    objective_value: float
-    search: dict = field(default_factory=dict)
+    objective_value: float = attr.ib(converter=_from_json)
+    search: dict = attr.Factory(dict)
 
-    @property
-    def dimension(self):
-        return self.setting.get("dimension")
+    dimension = property(lambda self: self.setting.get("dimension"))
 
     def to_dict(self) -> dict:
-        """JSON-ready (infinities as None)."""
-        return {f.name: _json_ready(getattr(self, f.name)) for f in fields(self)}
+        return attr.asdict(self, value_serializer=_to_json)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LmoSearchResult":
-        inf = lambda v: math.inf if v is None else float(v)  # noqa: E731
-        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        kw.update({name: inf(d[name]) for name in _MAYBE_INFINITE})
-        kw["params"] = LmoParams.from_dict(d["params"])
-        kw["epsilon_paper"] = {k: inf(v) for k, v in d["epsilon_paper"].items()}
-        return cls(**kw)
-
-
-# -- shapes --------------------------------------------------------------------------------------
+        return cls(**{f.name: d[f.name] for f in attr.fields(cls) if f.name in d})
 
 
 def _shape_from_vector(y: np.ndarray) -> LmoParams:
-    """y = (log G_k, log(Exp mean / Gamma scale), log(U width / Gamma scale), log(U_a / Gamma scale)).
-
-    Gamma scale fixed to 1 (the overall scale is calibrated separately)."""
+    """y = (log G_k, log(Exp mean / Gamma scale), log(U width / Gamma scale), log(U_a / Gamma scale)),
+    Gamma scale 1 (the overall scale is calibrated separately)."""
     k = float(np.exp(np.clip(y[0], math.log(0.05), math.log(1e3))))
     e, w, lo = (float(np.exp(np.clip(v, -30, 30))) for v in y[1:])
     lo = min(lo, 1e6 * w)  # keep the uniform's width >= 1e-6 of its offset
@@ -122,9 +99,8 @@ def _shape_from_vector(y: np.ndarray) -> LmoParams:
 def canonical(p: LmoParams) -> LmoParams:
     """The same noise written with G_theta = 1, E_lambda = 1, U_b = 1: the weights a1, a3, a4 are
     then the scales of the Gamma, Exponential and Uniform parts of t."""
-    ub = p.U_b
-    out = LmoParams(a1=p.a1 * p.G_theta, a3=p.a3 / p.E_lambda, a4=p.a4 * ub, G_k=p.G_k, G_theta=1.0,
-                    E_lambda=1.0, U_a=p.U_a / ub, U_b=1.0)
+    out = LmoParams(a1=p.a1 * p.G_theta, a3=p.a3 / p.E_lambda, a4=p.a4 * p.U_b, G_k=p.G_k, G_theta=1.0,
+                    E_lambda=1.0, U_a=p.U_a / p.U_b, U_b=1.0)
     return out if out.U_a < out.U_b else p
 
 
@@ -137,20 +113,18 @@ def _vector_from_shape(p: LmoParams) -> np.ndarray:
 
 
 def paper_grid(which: str = "coarse") -> list[LmoParams]:
-    """The paper's search grid (see module docstring). "full": a-weights linspace(0.1, 0.9, 9)
-    (40824 points); "coarse": a-weights {0.1, 0.5, 0.9} (1512); "minimal": a-weights 0.5 and
-    half of the other values (12 points, for tests)."""
+    """The grid of the paper's public noise-search code: a1, a3, a4 in linspace(0.1, 0.9, 9) ("full",
+    40824 points; "coarse": {0.1, 0.5, 0.9}, 1512; "minimal": 0.5 and a few of the other values, 12,
+    for tests), (G_theta, G_k), E_lambda and (U_b, U_a) from the lists above."""
     if which not in GRIDS:
         raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {which!r}")
     gk, lams, uba = _PAPER_G_THETA_K, _PAPER_E_LAMBDA, _PAPER_U_B_A
     weights = {"full": np.linspace(0.1, 0.9, 9), "coarse": np.array([0.1, 0.5, 0.9]), "minimal": np.array([0.5])}[which]
     if which == "minimal":
         gk, lams = gk[::3], lams[2:]
-    out = []
-    for a1, a3, a4, (th, k), lam, (ub, ua) in itertools.product(weights, weights, weights, gk, lams, uba):
-        out.append(LmoParams(a1=float(a1), a3=float(a3), a4=float(a4), G_k=float(k), G_theta=float(th),
-                             E_lambda=float(lam), U_a=float(ua), U_b=float(ub)))
-    return out
+    return [LmoParams(a1=float(a1), a3=float(a3), a4=float(a4), G_k=float(k), G_theta=float(th), E_lambda=float(lam),
+                      U_a=float(ua), U_b=float(ub))
+            for a1, a3, a4, (th, k), lam, (ub, ua) in itertools.product(weights, weights, weights, gk, lams, uba)]
 
 
 def _normalise(p: LmoParams) -> LmoParams:
@@ -162,34 +136,24 @@ def _normalise(p: LmoParams) -> LmoParams:
 
 
 class _FaithfulShape:
-    """Fast, conservative-by-construction evaluation of the faithful epsilon of shape.scaled(c).
-
-    r(v) of the base shape is tabulated once on a wide log grid; for scale c the unit-shift
-    suprema over u in (0, 1] are suprema over v = c u in (0, c] (the grid point just above c
-    stands in for the endpoint, an over-estimate since r grows with the shift). The final
-    answer is always re-checked with the accountant itself.
-    """
+    """Fast, conservative-by-construction faithful epsilon of shape.scaled(c): r(v) of the base shape
+    is tabulated once on a wide log grid; for scale c the unit-shift suprema over u in (0, 1] are
+    suprema over v = c u in (0, c] (the grid point just above c stands in for the endpoint, an
+    over-estimate since r grows with the shift). The accountant itself re-checks the final answer."""
 
     def __init__(self, base: LmoParams, dimension: int | None):
-        self.base = base
         self.dimension = dimension
-        self.fisher = base.fisher_information()
-        s0 = 1.0 / math.sqrt(self.fisher)
-        self.v = s0 * np.geomspace(1e-4, 1e4, 65)
+        fisher = base.fisher_information()
+        self.v = 1.0 / math.sqrt(fisher) * np.geomspace(1e-4, 1e4, 65)
         self.r = divergence_table(base, self.v, SPARSE_ORDERS)  # [orders, v]
-        self.limit = SPARSE_ORDERS * self.fisher / 2.0
+        self.limit = SPARSE_ORDERS * fisher / 2.0
 
     def per_step(self, c: float) -> np.ndarray:
-        v, r = self.v, self.r
-        j = int(np.searchsorted(v, c, side="right"))  # v[:j] <= c
-        if j >= len(v):
+        j = int(np.searchsorted(self.v, c, side="right"))  # v[:j] <= c
+        if j >= len(self.v):
             raise ValueError("scale beyond the tabulated range")
-        upper = r[:, j]  # r at the grid point just above c (>= r(c))
-        inner = r[:, :j]
-        vin = v[:j]
-        k2 = np.maximum(self.limit, upper / c**2)
-        k1 = upper / c
-        rmax = upper
+        upper, inner, vin = self.r[:, j], self.r[:, :j], self.v[:j]  # upper: r just above c (>= r(c))
+        k2, k1, rmax = np.maximum(self.limit, upper / c**2), upper / c, upper
         if j > 0:
             k2 = np.maximum(k2, (inner / vin**2).max(axis=1))
             k1 = np.maximum(k1, (inner / vin).max(axis=1))
@@ -222,11 +186,9 @@ def _gaussian_like_sigma(q: float, steps: int, epsilon: float, delta: float, k: 
 
 def _objective(p: LmoParams, objective: str, gamma: float) -> float:
     """Smaller is better."""
-    if objective == "variance":
-        return p.noise_variance()
-    if objective == "magnitude":
-        return p.expected_magnitude()
-    return -p.usefulness(gamma)
+    if objective == "usefulness":
+        return -p.usefulness(gamma)
+    return p.noise_variance() if objective == "variance" else p.expected_magnitude()
 
 
 class _Problem:
@@ -236,13 +198,16 @@ class _Problem:
         self.sigma_like = _gaussian_like_sigma(q, steps, epsilon, delta, k) if accountant == "lmo_faithful" else None
         self.evaluations = 0
 
-    def eps_exact(self, p: LmoParams) -> float:
-        if self.accountant == "paper":
-            return paper_epsilon(p, q=self.q, steps=self.steps, delta=self.delta, variant=PAPER_SEARCH_VARIANT)
+    def eps_faithful(self, p: LmoParams) -> float:
         if self.k > 1:
             return faithful_els_epsilon(p, k=self.k, q=self.q, steps=self.steps, delta=self.delta,
                                         dimension=self.dimension)
         return faithful_epsilon(p, q=self.q, steps=self.steps, delta=self.delta, dimension=self.dimension)
+
+    def eps_exact(self, p: LmoParams) -> float:
+        if self.accountant == "paper":
+            return paper_epsilon(p, q=self.q, steps=self.steps, delta=self.delta, variant=PAPER_SEARCH_VARIANT)
+        return self.eps_faithful(p)
 
     def proxy_scale(self, base: LmoParams) -> float:
         """Faithful: the scale at which the high-d bound (alpha I / 2 per step) meets the target."""
@@ -277,10 +242,8 @@ class _Problem:
         return _objective(base.scaled(self.proxy_scale(base)), self.objective, self.gamma)
 
     def verify(self, p: LmoParams, rtol: float = 2e-3) -> tuple[LmoParams, float]:
-        """Largest scale of p's shape (within rtol) that the accountant itself confirms.
-
-        The fast path is conservative, so usually this *raises* the scale a little; if the
-        point misses the target the scale is lowered until it meets it."""
+        """Largest scale of p's shape (within rtol) that the accountant itself confirms: usually a little
+        above p's (the fast path is conservative), lowered until it meets the target if p misses it."""
         c = find_boundary(lambda c: self.eps_exact(p.scaled(c)) <= self.epsilon, 1.0, larger_passes=False,
                           rtol=rtol, bounds=(1e-6, 1e6))
         if c is None:
@@ -292,7 +255,36 @@ class _Problem:
 # -- the search ------------------------------------------------------------------------------------
 
 
-def _check_setting(epsilon, delta, q, steps, dimension, objective, gamma, accountant, k, grid, maxfev, top_k) -> None:
+def gaussian_reference(epsilon: float, delta: float, q: float, steps: int, gamma: float = 0.9,
+                       pld: bool = True, k: int = 1) -> dict:
+    """Gaussian noise multipliers for the same (eps, delta, q, steps[, k]): PLD (tight; what fedsim
+    uses for Gaussian runs; for k > 1 the ELS mixture-of-Gaussians PLD) and the generic RDP
+    pipeline the faithful LMO accountant uses."""
+    out = {}
+    if pld and k == 1:
+        out["sigma_pld"] = calibrate_gaussian_noise_multiplier(q, steps, epsilon, delta, "pld")
+    elif pld:
+        from fedsim.privacy.els_accounting import calibrate_els_noise
+
+        out["sigma_pld"] = calibrate_els_noise(k, q, steps, epsilon, delta)
+    out["sigma_generic_rdp"] = _gaussian_like_sigma(q, steps, epsilon, delta, k)
+    s = out.get("sigma_pld", out["sigma_generic_rdp"])
+    out.update(noise_std=s, expected_magnitude=s * math.sqrt(2 / math.pi),
+               usefulness=float(special.erf(gamma / (s * math.sqrt(2)))), gamma=gamma)
+    return out
+
+
+def search(epsilon: float, delta: float, q: float, steps: int, dimension: int | None, objective: str = "variance",
+           gamma: float = 0.9, accountant: str = "lmo_faithful", *, grid: str = "coarse", maxfev: int = 80,
+           top_k: int = 4, compare_gaussian: bool = True, k: int = 1, cache=None, progress=None) -> LmoSearchResult:
+    """Best LMO parameters (unit sensitivity) meeting (epsilon, delta) for `steps` Poisson(q)
+    releases in `dimension` coordinates under `accountant`; see the module docstring.
+
+    ``k > 1`` searches for ELS: q is the *example* sampling rate, each user holds k examples
+    and a step is the Binomial(k, q) mixture (:class:`fedsim.privacy.lmo.LmoMixtureDpEvent`);
+    only ``lmo_faithful`` can account for it (the paper has no user-level accounting).
+    `cache`: None or an object with ``load(setting) -> LmoSearchResult | None`` and
+    ``store(result) -> path``; `progress`: None or an object with rich's ``add_task`` and ``advance``."""
     check_positive(epsilon, "epsilon")
     check_delta(delta)
     check_sampling_rate(q)
@@ -309,44 +301,6 @@ def _check_setting(epsilon, delta, q, steps, dimension, objective, gamma, accoun
                          " accountant='lmo_faithful'")
     if not (isinstance(maxfev, int) and maxfev >= 0) or not (isinstance(top_k, int) and top_k >= 1):
         raise ValueError("maxfev must be an integer >= 0 and top_k an integer >= 1")
-
-
-def gaussian_reference(epsilon: float, delta: float, q: float, steps: int, gamma: float = 0.9,
-                       pld: bool = True, k: int = 1) -> dict:
-    """Gaussian noise multipliers for the same (eps, delta, q, steps[, k]): PLD (tight; what fedsim
-    uses for Gaussian runs; for k > 1 the ELS mixture-of-Gaussians PLD) and the generic RDP
-    pipeline the faithful LMO accountant uses."""
-    out = {}
-    if pld:
-        if k == 1:
-            from fedsim.privacy.calibration import calibrate_gaussian_noise_multiplier
-
-            out["sigma_pld"] = calibrate_gaussian_noise_multiplier(q, steps, epsilon, delta, "pld")
-        else:
-            from fedsim.privacy.els_accounting import calibrate_els_noise
-
-            out["sigma_pld"] = calibrate_els_noise(k, q, steps, epsilon, delta)
-    out["sigma_generic_rdp"] = _gaussian_like_sigma(q, steps, epsilon, delta, k)
-    s = out.get("sigma_pld", out["sigma_generic_rdp"])
-    out["noise_std"] = s
-    out["expected_magnitude"] = s * math.sqrt(2 / math.pi)
-    out["usefulness"] = float(special.erf(gamma / (s * math.sqrt(2))))
-    out["gamma"] = gamma
-    return out
-
-
-def search(epsilon: float, delta: float, q: float, steps: int, dimension: int | None, objective: str = "variance",
-           gamma: float = 0.9, accountant: str = "lmo_faithful", *, grid: str = "coarse", maxfev: int = 80,
-           top_k: int = 4, compare_gaussian: bool = True, k: int = 1, cache=None, progress=None) -> LmoSearchResult:
-    """Best LMO parameters (unit sensitivity) meeting (epsilon, delta) for `steps` Poisson(q)
-    releases in `dimension` coordinates under `accountant`; see the module docstring.
-
-    ``k > 1`` searches for ELS: q is the *example* sampling rate, each user holds k examples
-    and a step is the Binomial(k, q) mixture (:class:`fedsim.privacy.lmo.LmoMixtureDpEvent`);
-    only ``lmo_faithful`` can account for it (the paper has no user-level accounting).
-    `cache`: None or an object with ``load(setting) -> LmoSearchResult | None`` and
-    ``store(result) -> path``; `progress`: None or an object with rich's ``add_task`` and ``advance``."""
-    _check_setting(epsilon, delta, q, steps, dimension, objective, gamma, accountant, k, grid, maxfev, top_k)
     setting = {"epsilon": float(epsilon), "delta": float(delta), "q": float(q), "steps": int(steps),
                "dimension": dimension, "objective": objective, "gamma": float(gamma), "accountant": accountant,
                "grid": grid, "maxfev": int(maxfev), "top_k": int(top_k), "compare_gaussian": bool(compare_gaussian)}
@@ -362,28 +316,26 @@ def search(epsilon: float, delta: float, q: float, steps: int, dimension: int | 
     prob = _Problem(epsilon, delta, q, steps, dimension, objective, gamma, accountant, k)
     shapes = paper_grid(grid)
 
-    # 1. screen the paper's grid
+    # 1. screen the paper's grid (shapes equal up to scale once)
     task = bar.add_task("LMO search: screening the paper's grid", total=len(shapes))
-    scored = []
-    seen = set()
-    for s in shapes:
-        n = _normalise(s)
-        key = tuple(np.round(_vector_from_shape(n), 9))
+    scored, seen = [], set()
+    for s in map(_normalise, shapes):
+        key = tuple(np.round(_vector_from_shape(s), 9))
         if key not in seen:
             seen.add(key)
             try:
-                scored.append((prob.screen(n), n))
+                scored.append((prob.screen(s), s))
             except ValueError:
                 pass
         bar.advance(task)
     scored.sort(key=lambda x: x[0])
-    # 2. calibrate the best few exactly
+    # 2. calibrate the best few exactly; best = (params, objective)
     task = bar.add_task("LMO search: calibrating the best grid shapes", total=top_k)
-    best: tuple[float, LmoParams] | None = None
+    best = None
     for _, s in scored[:top_k]:
         out = prob.calibrate(s)
-        if out is not None and (best is None or out[1] < best[0]):
-            best = (out[1], out[0])
+        if out is not None and (best is None or out[1] < best[1]):
+            best = out
         bar.advance(task)
     if best is None:
         raise ValueError("LMO search: no grid shape meets the target")
@@ -394,58 +346,44 @@ def search(epsilon: float, delta: float, q: float, steps: int, dimension: int | 
     seen_y: dict = {}
 
     def f(y):
+        nonlocal best
         key = tuple(np.round(y, 6))
-        if key in seen_y:
-            return seen_y[key]
-        bar.advance(task)
-        try:
-            out = prob.calibrate(_shape_from_vector(y))
-        except (ValueError, FloatingPointError):
-            out = None
-        val = 1e12 if out is None or not math.isfinite(out[1]) else out[1]
-        if out is not None and math.isfinite(out[1]) and out[1] < best_box[0][0]:
-            best_box[0] = (out[1], out[0])
-        crit = math.log(val) if objective != "usefulness" else val
-        seen_y[key] = crit
-        return crit
+        if key not in seen_y:
+            bar.advance(task)
+            try:
+                out = prob.calibrate(_shape_from_vector(y))
+            except (ValueError, FloatingPointError):
+                out = None
+            ok = out is not None and math.isfinite(out[1])
+            if ok and out[1] < best[1]:
+                best = out
+            val = out[1] if ok else 1e12
+            seen_y[key] = math.log(val) if objective != "usefulness" else val
+        return seen_y[key]
 
-    best_box = [best]
     if maxfev > 0:
-        y0 = _vector_from_shape(best[1])
-        simplex = [y0] + [y0 + np.eye(4)[i] * 0.7 for i in range(4)]
+        y0 = _vector_from_shape(best[0])
+        simplex = np.array([y0] + [y0 + np.eye(4)[i] * 0.7 for i in range(4)])
         optimize.minimize(f, y0, method="Nelder-Mead",
-                          options={"maxfev": maxfev, "initial_simplex": np.array(simplex), "xatol": 1e-3,
-                                   "fatol": 1e-5})
-    best = best_box[0]
+                          options={"maxfev": maxfev, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-5})
 
     # 4. verify with the accountant itself
     task = bar.add_task("LMO search: verifying with the accountant", total=1)
-    params, eps_chosen = prob.verify(canonical(best[1]))
+    params, eps_chosen = prob.verify(canonical(best[0]))
     bar.advance(task)
-
     if not eps_chosen <= epsilon:  # never return infeasible
         raise ValueError(f"LMO search: verification failed (eps={eps_chosen:.6g} > {epsilon:g})")
-    if k == 1:
-        eps_faithful = faithful_epsilon(params, q=q, steps=steps, delta=delta, dimension=dimension)
-        eps_paper = {v: paper_epsilon(params, q=q, steps=steps, delta=delta, variant=v) for v in PAPER_VARIANTS}
-    else:
-        eps_faithful = faithful_els_epsilon(params, k=k, q=q, steps=steps, delta=delta, dimension=dimension)
-        eps_paper = {}  # the paper does not account for a user's k examples
     result = LmoSearchResult(
-        params=params,
-        setting=setting,
-        noise_std=params.noise_std(),
-        expected_magnitude=params.expected_magnitude(),
-        usefulness=params.usefulness(gamma),
-        epsilon_faithful=eps_faithful,
-        epsilon_paper=eps_paper,
+        params=params, setting=setting, noise_std=params.noise_std(), expected_magnitude=params.expected_magnitude(),
+        usefulness=params.usefulness(gamma), epsilon_faithful=prob.eps_faithful(params),
+        # the paper does not account for a user's k examples
+        epsilon_paper={v: paper_epsilon(params, q=q, steps=steps, delta=delta, variant=v) for v in PAPER_VARIANTS}
+        if k == 1 else {},
         gaussian=gaussian_reference(epsilon, delta, q, steps, gamma, pld=compare_gaussian, k=k),
         objective_value=_objective(params, objective, gamma),
-        search={"seconds": round(time.time() - t0, 2), "grid_shapes": len(scored),
-                "calibrations": prob.evaluations, "grid_best_objective": grid_best[0],
-                "grid_best_params": grid_best[1].to_dict(), "cache": "miss",
-                "paper_search_variant": PAPER_SEARCH_VARIANT},
-    )
+        search={"seconds": round(time.time() - t0, 2), "grid_shapes": len(scored), "calibrations": prob.evaluations,
+                "grid_best_objective": grid_best[1], "grid_best_params": grid_best[0].to_dict(), "cache": "miss",
+                "paper_search_variant": PAPER_SEARCH_VARIANT})
     if cache is not None:
         try:
             result.search["cache_file"] = str(cache.store(result))
