@@ -1,10 +1,11 @@
 """Experiment configuration: pydantic models, YAML in, strict dotted overrides.
 
-Every default lives here with its meaning and units (as at the top of nanoGPT's
-train.py). `load_config(path, overrides=["dp.epsilon=2"])` reads a YAML file, applies
-`--set` overrides (unknown keys are refused, values type-checked by pydantic) and
-returns an `ExperimentConfig`. An invalid value raises `ConfigError` naming the key
-and the allowed range.
+Every default lives here with its meaning and units in the field's `description` (as at the
+top of nanoGPT's train.py); `fedsim config show` and docs/config.md are generated from them
+(fedsim/config_reference.py). `load_config(path, overrides=["dp.epsilon=2"])` reads a YAML
+file, applies `--set` overrides (unknown keys are refused, values type-checked by pydantic)
+and returns an `ExperimentConfig`. An invalid value raises `ConfigError` naming the key and
+the allowed range.
 """
 
 from __future__ import annotations
@@ -24,148 +25,207 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    source: Literal["shakespeare", "files", "synthetic"] = "shakespeare"  # where users come from
-    public_plays: int = Field(5, ge=0, le=30)  # shakespeare: whole plays kept apart as public (pre-training) data
-    min_examples: int = Field(4, ge=1)  # users with fewer examples (train + test) are left out
-    test_fraction: float = Field(0.2, gt=0, lt=1)  # per-user held-out share of examples (the last ones)
-    max_users: int | None = Field(None, ge=1)  # keep only the first N users (smoke tests)
-    seq_len: int = Field(64, ge=8, le=4096)  # tokens per example (longer speeches are truncated)
-    path: str | None = None  # files: a JSONL / CSV / Parquet file
-    user_column: str = "user_id"  # files: the user-id column
-    text_column: str = "text"  # files: the text column
-    num_users: int = Field(1000, ge=1)  # synthetic: population size
-    seed: int = 0  # data split / synthetic generation seed
-    examples_per_user: int | None = Field(None, ge=1)  # synthetic: every user holds this many (train + test) instead of a power law
-    max_examples: int = Field(1000, ge=1)  # synthetic: cap on a user's power-law example count (min_examples is the floor)
-    max_example_bytes: int = Field(1 << 20, ge=1)  # files: longest text accepted per example, in UTF-8 bytes
-    long_examples: Literal["error", "truncate"] = "error"  # files: a longer text is an error, or cut at max_example_bytes
+    """Users and their examples."""
+
+    source: Literal["shakespeare", "files", "synthetic"] = Field(
+        "shakespeare", description="where users come from: the embedded Shakespeare plays, a file, or generated")
+    public_plays: int = Field(5, ge=0, le=30, description="shakespeare: whole plays kept apart as public"
+                              " (pre-training) data")
+    min_examples: int = Field(4, ge=1, description="users with fewer examples (train + test) are left out")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="per-user held-out share of examples (the last ones)")
+    max_users: int | None = Field(None, ge=1, description="keep only the first N users (smoke tests; None: all)")
+    seq_len: int = Field(64, ge=8, le=4096, description="tokens per example (longer speeches are truncated)")
+    path: str | None = Field(None, description="files: a JSONL / CSV / Parquet file")
+    user_column: str = Field("user_id", description="files: the user-id column")
+    text_column: str = Field("text", description="files: the text column")
+    num_users: int = Field(1000, ge=1, description="synthetic: population size")
+    seed: int = Field(0, description="data split / synthetic generation seed")
+    examples_per_user: int | None = Field(None, ge=1, description="synthetic: every user holds this many (train +"
+                                          " test) instead of a power law")
+    max_examples: int = Field(1000, ge=1, description="synthetic: cap on a user's power-law example count"
+                              " (min_examples is the floor)")
+    max_example_bytes: int = Field(1 << 20, ge=1, description="files: longest text accepted per example, in UTF-8"
+                                   " bytes")
+    long_examples: Literal["error", "truncate"] = Field(
+        "error", description="files: a longer text is an error, or cut at max_example_bytes")
 
 
 class LoraConfig(_Strict):
-    enabled: bool = True  # train LoRA adapters only (the base model stays frozen and never travels)
-    r: int = Field(8, ge=1)  # adapter rank
-    alpha: float = Field(16.0, gt=0)  # LoRA scaling numerator (scale = alpha / r)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | None = None  # None: the architecture's attention + MLP projections
+    """LoRA adapters (peft)."""
+
+    enabled: bool = Field(True, description="train LoRA adapters only (the base model stays frozen and never"
+                          " travels)")
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability on the adapters' input")
+    target_modules: list[str] | None = Field(None, description="module names to adapt (None: the architecture's"
+                                             " attention + MLP projections)")
 
 
 class ArchConfig(_Strict):
-    n_layer: int = Field(2, ge=1)
-    n_embd: int = Field(128, ge=8)
-    n_head: int = Field(2, ge=1)
-    vocab_size: int | None = Field(None, ge=2)  # None: the tokenizer's (bytes: 257); larger widens embedding + LM head (50257: GPT-2's), unused ids never occur
+    """The GPT-2 style architecture of `model.source: config`."""
+
+    n_layer: int = Field(2, ge=1, description="transformer blocks")
+    n_embd: int = Field(128, ge=8, description="embedding width (a multiple of n_head)")
+    n_head: int = Field(2, ge=1, description="attention heads per block")
+    vocab_size: int | None = Field(None, ge=2, description="token ids of the embedding and LM head (None: the"
+                                   " tokenizer's, bytes: 257); larger widens both (50257: GPT-2's), unused ids"
+                                   " never occur")
 
 
 class PretrainConfig(_Strict):
-    enabled: bool = True  # pre-train on the public plays first (cached), the paper's public/private setting
-    steps: int = Field(300, ge=0)  # optimizer steps of the public pre-training
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-3, gt=0)  # Adam learning rate
+    """Public pre-training before the private fine-tuning."""
+
+    enabled: bool = Field(True, description="pre-train on the public plays first (cached), the paper's"
+                          " public/private setting")
+    steps: int = Field(300, ge=0, description="optimizer steps of the public pre-training")
+    batch_size: int = Field(32, ge=1, description="examples per pre-training step")
+    lr: float = Field(3e-3, gt=0, description="Adam learning rate")
 
 
 class ModelConfig(_Strict):
-    source: Literal["config", "local"] = "config"  # config: GPT-2 style from `arch`, random init; local: a directory
-    path: str | None = None  # local: a HF model directory (config.json + weights) or a GGUF's directory
-    gguf_file: str | None = None  # local: the GGUF file name inside `path` (needs the `gguf` package)
-    arch: ArchConfig = ArchConfig()
-    lora: LoraConfig = LoraConfig()
-    pretrain: PretrainConfig = PretrainConfig()
-    dtype: Literal["float32", "bfloat16"] = "float32"  # autocast dtype for forward passes on CUDA
+    """The model and which of its weights are trained."""
+
+    source: Literal["config", "local"] = Field("config", description="config: GPT-2 style from `arch`, random"
+                                               " init; local: a directory")
+    path: str | None = Field(None, description="local: a HF model directory (config.json + weights) or a GGUF's"
+                             " directory")
+    gguf_file: str | None = Field(None, description="local: the GGUF file name inside `path` (needs the `gguf`"
+                                  " package)")
+    arch: ArchConfig = Field(ArchConfig(), description=ArchConfig.__doc__)
+    lora: LoraConfig = Field(LoraConfig(), description=LoraConfig.__doc__)
+    pretrain: PretrainConfig = Field(PretrainConfig(), description=PretrainConfig.__doc__)
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="autocast dtype for forward passes on"
+                                                  " CUDA")
 
 
 class UlsConfig(_Strict):
-    expected_cohort: float = Field(50.0, gt=0)  # q * N: expected users per round (q = expected_cohort / users); the update's public denominator
-    # q set directly (then the population size N need not be public): each user joins a round with
-    # this probability, and the sum is still divided by expected_cohort (a public constant)
-    sampling_rate: float | None = Field(None, gt=0, le=1)
-    local_epochs: int = Field(1, ge=1)  # passes over the user's examples (unless local_steps is set)
-    local_steps: int | None = Field(None, ge=1)  # fixed number of local batches instead of epochs
-    max_examples_per_user: int | None = Field(None, ge=1)  # cap a user's training examples (seeded choice)
-    batch_size: int = Field(8, ge=1)  # local batch size
-    client_optimizer: Literal["sgd", "adam"] = "sgd"
-    client_lr: float = Field(0.5, gt=0)
-    server_optimizer: Literal["sgd", "momentum", "adam"] = "sgd"
-    server_lr: float = Field(1.0, gt=0)
-    server_momentum: float = Field(0.9, ge=0, lt=1)  # momentum: heavy-ball coefficient; adam: beta1
-    users_per_client: int = Field(1, ge=1)  # >1: scale mode, a Flower client trains a list of users and returns the sum
-    # Vectorised users (fedsim/training/vectorised.py): a worker trains `vector_users` users in ONE
-    # forward/backward over their stacked batches, per-user gradient sums through layer hooks; the
-    # clipped sum equals the back-to-back path to float tolerance. Needs client_optimizer sgd; users
-    # whose local plan is not exactly one batch are trained back to back (logged, counted).
-    vectorise: bool = False
-    vector_users: int = Field(32, ge=1)  # users per grouped pass (memory ~ vector_users x trainable weights x 3 floats)
+    """ULS: DP-FedAvg with Poisson user sampling and per-user clipping."""
+
+    expected_cohort: float = Field(50.0, gt=0, description="q * N: expected users per round (q = expected_cohort"
+                                   " / users); the update's public denominator")
+    # set q directly and the population size N need not be public
+    sampling_rate: float | None = Field(None, gt=0, le=1, description="q set directly: each user joins a round"
+                                        " with this probability; the sum is still divided by expected_cohort (a"
+                                        " public constant)")
+    local_epochs: int = Field(1, ge=1, description="passes over the user's examples (unless local_steps is set)")
+    local_steps: int | None = Field(None, ge=1, description="fixed number of local batches instead of epochs")
+    max_examples_per_user: int | None = Field(None, ge=1, description="cap a user's training examples (seeded"
+                                              " choice)")
+    batch_size: int = Field(8, ge=1, description="local batch size")
+    client_optimizer: Literal["sgd", "adam"] = Field("sgd", description="the optimizer of a user's local"
+                                                     " training")
+    client_lr: float = Field(0.5, gt=0, description="learning rate of a user's local training")
+    server_optimizer: Literal["sgd", "momentum", "adam"] = Field("sgd", description="the server's optimizer on the"
+                                                                " noisy mean delta")
+    server_lr: float = Field(1.0, gt=0, description="the server optimizer's learning rate (sgd with 1: FedAvg)")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="momentum: heavy-ball coefficient; adam: beta1")
+    users_per_client: int = Field(1, ge=1, description=">1: scale mode, a Flower client trains a list of users"
+                                  " and returns the sum")
+    # Vectorised users (fedsim/training/vectorised.py): per-user gradient sums through layer hooks;
+    # the clipped sum equals the back-to-back path to float tolerance.
+    vectorise: bool = Field(False, description="a worker trains `vector_users` users in one forward/backward"
+                            " over their stacked batches; needs client_optimizer sgd; users whose local plan is not"
+                            " exactly one batch are trained back to back (logged, counted)")
+    vector_users: int = Field(32, ge=1, description="users per grouped pass (memory ~ vector_users x trainable"
+                              " weights x 3 floats)")
 
 
 class ElsConfig(_Strict):
     """ELS: centralized DP-SGD with example-level Poisson sampling and a user-level accountant."""
 
-    k: int = Field(16, ge=1)  # examples kept per user (seeded choice); the group size of the user-level accountant
-    expected_batch: float = Field(64.0, gt=0)  # q * (capped examples): expected examples per step; the public denominator
-    # q set directly (then the number of kept examples need not be public); the noisy sum is
-    # still divided by expected_batch (a public constant)
-    sampling_rate: float | None = Field(None, gt=0, le=1)
-    steps: int | None = Field(None, ge=1)  # planned steps; None: match ULS's planned compute (see compare.budget)
-    clip_norm: float | None = Field(None, gt=0)  # per-example gradient L2 clip C (None: dp.clip_norm)
-    optimizer: Literal["sgd", "momentum", "adam"] = "sgd"  # the server-optimizer family ULS uses, on the noisy mean gradient
-    lr: float = Field(0.5, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)  # momentum: heavy-ball coefficient; adam: beta1
-    per_example: Literal["auto", "hooks", "vmap", "opacus"] = "auto"  # per-example gradients (auto: hooks, else vmap)
-    micro_batch: int = Field(256, ge=1)  # examples per forward pass (a Poisson batch can exceed its expectation)
-    eval_every: int = Field(50, ge=1)  # steps between evaluations (and at the end)
-    accounting_interval: float = Field(1e-2, gt=0, le=0.1)  # PLD discretisation of the mixture (coarser: faster, looser, still an upper bound)
+    k: int = Field(16, ge=1, description="examples kept per user (seeded choice); the group size of the"
+                   " user-level accountant")
+    expected_batch: float = Field(64.0, gt=0, description="q * (capped examples): expected examples per step;"
+                                  " the public denominator")
+    # set q directly and the number of kept examples need not be public
+    sampling_rate: float | None = Field(None, gt=0, le=1, description="q set directly: each kept example joins a"
+                                        " step with this probability; the noisy sum is still divided by"
+                                        " expected_batch (a public constant)")
+    steps: int | None = Field(None, ge=1, description="planned steps; None: match ULS's planned compute (see"
+                              " compare.budget)")
+    clip_norm: float | None = Field(None, gt=0, description="per-example gradient L2 clip C (None: dp.clip_norm)")
+    optimizer: Literal["sgd", "momentum", "adam"] = Field("sgd", description="the server-optimizer family ULS"
+                                                          " uses, on the noisy mean gradient")
+    lr: float = Field(0.5, gt=0, description="learning rate on the noisy mean gradient")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum: heavy-ball coefficient; adam: beta1")
+    per_example: Literal["auto", "hooks", "vmap", "opacus"] = Field("auto", description="per-example gradients"
+                                                                    " (auto: hooks, else vmap)")
+    micro_batch: int = Field(256, ge=1, description="examples per forward pass (a Poisson batch can exceed its"
+                             " expectation)")
+    eval_every: int = Field(50, ge=1, description="steps between evaluations (and at the end)")
+    accounting_interval: float = Field(1e-2, gt=0, le=0.1, description="PLD discretisation of the mixture"
+                                       " (coarser: faster, looser, still an upper bound)")
 
 
 class CompareConfig(_Strict):
     """`fedsim compare`: ULS vs ELS at the same (epsilon, delta) and compute budget."""
 
-    budget: int | None = Field(None, ge=1)  # example-gradient evaluations per method; None: ULS's planned compute (run.rounds)
-    name: str = "compare"  # comparison directory <run.output_dir>/<name>
+    budget: int | None = Field(None, ge=1, description="example-gradient evaluations per method; None: ULS's"
+                               " planned compute (run.rounds)")
+    name: str = Field("compare", description="comparison directory <run.output_dir>/<name>")
 
 
 class MeanEstimationConfig(_Strict):
     """The synthetic mean-estimation study (fedsim/models/mean_estimation.py, bench/mean_estimation_sweep.py)."""
 
-    dim: int = Field(32, ge=1)  # d
-    examples_per_user: int = Field(16, ge=1)  # m (every user); ELS keeps k <= m of them
-    heterogeneities: list[float] = [0.0, 0.9]  # h: share of an example's variance that is between users (swept)
-    seeds: int = Field(3, ge=1)  # replicas averaged per setting
-    epsilons: list[float] = [1.0, 4.0, 16.0]  # user-level budgets (swept)
-    budgets: list[int] = [4000, 32000, 256000]  # per-example gradient evaluations per method (swept)
-    uls_cohorts: list[float] = [50.0, 100.0, 200.0, 400.0]  # ULS expected cohorts tried (best kept)
-    uls_examples_per_user: list[int] = [1, 4, 16]  # ULS examples a sampled user trains on, tried (best kept)
-    uls_local_epochs: int = Field(1, ge=1)  # full-batch local GD epochs (local lr 1: one epoch gives the user mean)
-    els_k: list[int] = [1, 4, 16]  # ELS examples per user tried (best kept)
-    els_batches: list[float] = [100.0, 400.0]  # ELS expected batches tried (best kept)
-    lrs: list[float] = [0.1, 0.3, 1.0, 3.0]  # ULS server / ELS learning rates tried (best kept)
-    clip_norms: list[float] = [0.25, 0.5, 1.0]  # clip norms tried, for both methods (best kept)
-    accounting_interval: float = Field(2e-2, gt=0, le=0.1)  # PLD discretisation for the ELS mixture calibrations
+    dim: int = Field(32, ge=1, description="d, the dimension of the estimated mean")
+    examples_per_user: int = Field(16, ge=1, description="m (every user); ELS keeps k <= m of them")
+    heterogeneities: list[float] = Field([0.0, 0.9], description="h: share of an example's variance that is"
+                                         " between users (swept)")
+    seeds: int = Field(3, ge=1, description="replicas averaged per setting")
+    epsilons: list[float] = Field([1.0, 4.0, 16.0], description="user-level budgets (swept)")
+    budgets: list[int] = Field([4000, 32000, 256000], description="per-example gradient evaluations per method"
+                               " (swept)")
+    uls_cohorts: list[float] = Field([50.0, 100.0, 200.0, 400.0], description="ULS expected cohorts tried (best"
+                                     " kept)")
+    uls_examples_per_user: list[int] = Field([1, 4, 16], description="ULS examples a sampled user trains on,"
+                                             " tried (best kept)")
+    uls_local_epochs: int = Field(1, ge=1, description="full-batch local GD epochs (local lr 1: one epoch gives"
+                                  " the user mean)")
+    els_k: list[int] = Field([1, 4, 16], description="ELS examples per user tried (best kept)")
+    els_batches: list[float] = Field([100.0, 400.0], description="ELS expected batches tried (best kept)")
+    lrs: list[float] = Field([0.1, 0.3, 1.0, 3.0], description="ULS server / ELS learning rates tried (best kept)")
+    clip_norms: list[float] = Field([0.25, 0.5, 1.0], description="clip norms tried, for both methods (best kept)")
+    accounting_interval: float = Field(2e-2, gt=0, le=0.1, description="PLD discretisation for the ELS mixture"
+                                       " calibrations")
 
 
 class DpConfig(_Strict):
-    epsilon: float | None = Field(8.0, gt=0)  # target user-level epsilon for the planned rounds (None: non-private)
-    delta: float | None = Field(None, gt=0, lt=1)  # None: min(1e-5, 1 / N^1.1) for N users
-    clip_norm: float = Field(1.0, gt=0)  # per-user L2 clipping norm C of the model delta
-    noise_multiplier: float | None = Field(None, ge=0)  # set to skip calibration (0: no noise, epsilon = inf)
-    accountant: Literal["pld", "rdp", "prv", "edgeworth", "lmo_faithful"] = "pld"  # the accountant that reports epsilon
-    mechanism: Literal["gaussian", "lmo"] = "gaussian"
-    lmo: dict[str, Any] | None = None  # lmo: parameters, or {"search": path-to-search-result.json}
-    # true: cohorts, ELS samples and noise are derived from run.seed (tests and debugging only: anyone
-    # with config.yaml can regenerate them, so the reported epsilon does not hold); false: a fresh
-    # 256-bit OS-entropy key per process (fedsim/privacy/randomness.py)
-    reproducible: bool = False
+    """User-level differential privacy: budget, clipping, noise, accounting."""
+
+    epsilon: float | None = Field(8.0, gt=0, description="target user-level epsilon for the planned rounds"
+                                  " (None: non-private)")
+    delta: float | None = Field(None, gt=0, lt=1, description="target delta (None: min(1e-5, 1 / N^1.1) for N"
+                                " users)")
+    clip_norm: float = Field(1.0, gt=0, description="per-user L2 clipping norm C of the model delta")
+    noise_multiplier: float | None = Field(None, ge=0, description="noise std / C; set to skip calibration (0: no"
+                                           " noise, epsilon = inf)")
+    accountant: Literal["pld", "rdp", "prv", "edgeworth", "lmo_faithful"] = Field(
+        "pld", description="the accountant that reports epsilon")
+    mechanism: Literal["gaussian", "lmo"] = Field("gaussian", description="the noise added to the clipped sum")
+    lmo: dict[str, Any] | None = Field(None, description="lmo: parameters, or {\"search\":"
+                                       " path-to-search-result.json} (None: searched for dp.epsilon)")
+    # true: anyone with config.yaml can regenerate every secret draw (fedsim/privacy/randomness.py)
+    reproducible: bool = Field(False, description="true: cohorts, ELS samples and noise are derived from run.seed,"
+                               " so the reported epsilon does not hold (tests and debugging only); false: a fresh"
+                               " 256-bit OS-entropy key per process")
 
 
 class FaultConfig(_Strict):
     """Fault injection for tests and demos: each Flower message fails with these rates."""
 
-    raise_rate: float = Field(0.0, ge=0, le=1)  # the client raises (Flower error reply)
-    nan_rate: float = Field(0.0, ge=0, le=1)  # the client returns a NaN delta sum
-    shape_rate: float = Field(0.0, ge=0, le=1)  # the client returns a wrongly shaped array
-    kill_rate: float = Field(0.0, ge=0, le=1)  # the worker process dies (only inside a Ray actor)
-    hang_rate: float = Field(0.0, ge=0, le=1)  # the client sleeps `hang_seconds` before replying (a timeout)
-    hang_seconds: float = Field(5.0, gt=0)  # longer than simulation.timeout makes the reply miss its round
-    server_crash_round: int | None = Field(None, ge=1)  # the server SIGKILLs itself right after recording this round's release
-    seed: int = 0
+    raise_rate: float = Field(0.0, ge=0, le=1, description="the client raises (Flower error reply)")
+    nan_rate: float = Field(0.0, ge=0, le=1, description="the client returns a NaN delta sum")
+    shape_rate: float = Field(0.0, ge=0, le=1, description="the client returns a wrongly shaped array")
+    kill_rate: float = Field(0.0, ge=0, le=1, description="the worker process dies (only inside a Ray actor)")
+    hang_rate: float = Field(0.0, ge=0, le=1, description="the client sleeps `hang_seconds` before replying (a"
+                             " timeout)")
+    hang_seconds: float = Field(5.0, gt=0, description="how long a hanging client sleeps; longer than"
+                                " simulation.timeout makes the reply miss its round")
+    server_crash_round: int | None = Field(None, ge=1, description="the server SIGKILLs itself right after"
+                                           " recording this round's release")
+    seed: int = Field(0, description="seed of the fault draws")
 
     def rates(self) -> list[tuple[str, float]]:
         """(fault kind, rate) of every per-message fault, in the order `inject_fault` draws them."""
@@ -180,38 +240,52 @@ class FaultConfig(_Strict):
 
 
 class SimulationConfig(_Strict):
-    backend: Literal["ray", "inprocess"] = "ray"  # ray: Flower's simulation engine; inprocess: same logic, no Ray (debug)
-    num_cpus: float = Field(1.0, gt=0)  # per Flower client (actor)
-    num_gpus: float = Field(0.0, ge=0)  # per actor, fractional allowed (0.25 = four actors per GPU)
-    num_workers: int | None = Field(None, ge=1)  # scale mode: number of Flower nodes (default: one per CPU)
-    ray_address: str | None = None  # join an existing Ray cluster: "HEAD_IP:6379" (the GCS address `ray start --head` prints) or "auto"
-    timeout: float = Field(600.0, gt=0)  # seconds to wait for a round's replies
-    verbose: bool = False  # Flower / Ray logs on the console
-    faults: FaultConfig = FaultConfig()
+    """How the Flower simulation runs."""
+
+    backend: Literal["ray", "inprocess"] = Field("ray", description="ray: Flower's simulation engine; inprocess:"
+                                                 " same logic, no Ray (debug)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per Flower client (actor)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor, fractional allowed (0.25 = four actors per"
+                            " GPU)")
+    num_workers: int | None = Field(None, ge=1, description="scale mode: number of Flower nodes (default: one per"
+                                    " CPU)")
+    ray_address: str | None = Field(None, description="join an existing Ray cluster: \"HEAD_IP:6379\" (the GCS"
+                                    " address `ray start --head` prints) or \"auto\"")
+    timeout: float = Field(600.0, gt=0, description="seconds to wait for a round's replies")
+    verbose: bool = Field(False, description="Flower / Ray logs on the console")
+    faults: FaultConfig = Field(FaultConfig(), description=FaultConfig.__doc__)
 
 
 class RunConfig(_Strict):
-    name: str = "run"
-    output_dir: str = "runs"  # a run directory <output_dir>/<name> is created (never overwritten)
-    rounds: int = Field(30, ge=1)  # planned rounds (ULS); the budget is calibrated for these
-    seed: int = 0
-    eval_every: int = Field(5, ge=1)
-    eval_examples: int = Field(512, ge=1)  # held-out examples used for evaluation (fixed seeded subset)
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    checkpoint_every: int = Field(0, ge=0)  # write an atomic checkpoint every N rounds (0: never); `fedsim run --resume DIR`
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads per process (None: 1, best for small per-user batches)
+    """The run: its directory, length, seed, evaluation and outputs."""
+
+    name: str = Field("run", description="the run directory's name")
+    output_dir: str = Field("runs", description="a run directory <output_dir>/<name> is created (never"
+                            " overwritten)")
+    rounds: int = Field(30, ge=1, description="planned rounds (ULS); the budget is calibrated for these")
+    seed: int = Field(0, description="public randomness: model init, data split, ELS example cap, local batch"
+                      " order, dropout")
+    eval_every: int = Field(5, ge=1, description="rounds between evaluations (and at the end)")
+    eval_examples: int = Field(512, ge=1, description="held-out examples used for evaluation (fixed seeded"
+                               " subset)")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="torch device of the models (auto: CUDA"
+                                                   " where the process has it)")
+    checkpoint_every: int = Field(0, ge=0, description="write an atomic checkpoint every N rounds (0: never);"
+                                  " `fedsim run --resume DIR`")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per process (None: 1, best for"
+                                " small per-user batches)")
 
 
 class ExperimentConfig(_Strict):
-    run: RunConfig = RunConfig()
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    uls: UlsConfig = UlsConfig()
-    dp: DpConfig = DpConfig()
-    simulation: SimulationConfig = SimulationConfig()
-    els: ElsConfig = ElsConfig()
-    compare: CompareConfig = CompareConfig()
-    mean_estimation: MeanEstimationConfig = MeanEstimationConfig()
+    run: RunConfig = Field(RunConfig(), description=RunConfig.__doc__)
+    data: DataConfig = Field(DataConfig(), description=DataConfig.__doc__)
+    model: ModelConfig = Field(ModelConfig(), description=ModelConfig.__doc__)
+    uls: UlsConfig = Field(UlsConfig(), description=UlsConfig.__doc__)
+    dp: DpConfig = Field(DpConfig(), description=DpConfig.__doc__)
+    simulation: SimulationConfig = Field(SimulationConfig(), description=SimulationConfig.__doc__)
+    els: ElsConfig = Field(ElsConfig(), description=ElsConfig.__doc__)
+    compare: CompareConfig = Field(CompareConfig(), description=CompareConfig.__doc__)
+    mean_estimation: MeanEstimationConfig = Field(MeanEstimationConfig(), description=MeanEstimationConfig.__doc__)
 
     @model_validator(mode="after")
     def _check(self) -> "ExperimentConfig":
