@@ -274,6 +274,8 @@ class RunConfig(_Strict):
                                   " `fedsim run --resume DIR`")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per process (None: 1, best for"
                                 " small per-user batches)")
+    tensorboard: bool = Field(False, description="also write each round's numeric fields as TensorBoard scalars"
+                              " to <run_dir>/tensorboard/ (needs `pip install fedsim[tensorboard]`)")
 
 
 class ExperimentConfig(_Strict):

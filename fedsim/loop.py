@@ -33,16 +33,32 @@ class Method(Protocol):
 def train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, say=print, resume: bool = False,
           eval_every: int | None = None) -> dict:
     """Run `plan` with `method` in `run_dir` (continuing its checkpoint when `resume`); returns the summary."""
+    from fedsim.rundir import RunWriter
+
+    scalars = None
+    if cfg.run.tensorboard:
+        from fedsim.tensorboard_log import TensorBoardScalars
+
+        scalars = TensorBoardScalars(run_dir, method.key)
+    try:
+        return _train(cfg, plan, task, evalset, method, run_dir, randomness, say, resume, eval_every,
+                      RunWriter(run_dir, scalars))
+    finally:
+        if scalars is not None:
+            scalars.close()
+
+
+def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, say, resume: bool,
+           eval_every: int | None, writer) -> dict:
     from fedsim.checkpoint import checkpoint_if_due, load_checkpoint
     from fedsim.privacy.budget import PrivacyBudget
     from fedsim.privacy.ledger import PrivacyLedger
     from fedsim.privacy.release import Release, kill_after_recording
     from fedsim.progress import RoundProgress
-    from fedsim.rundir import RunWriter, read_diagnostics, split_metrics_for_resume
+    from fedsim.rundir import read_diagnostics, split_metrics_for_resume
     from fedsim.training.server_opt import ServerOptimizer
 
     t_start = time.time()
-    writer = RunWriter(run_dir)
     ckpt = load_checkpoint(run_dir) if resume else None
     eval_every = (ckpt or {}).get("eval_every") or eval_every or cfg.run.eval_every
     # the ledger is the durable record; the budget's live accountant is rebuilt from it once
@@ -125,6 +141,10 @@ def prepare(cfg, method: str, say=print, plan=None, resume_dir: Path | None = No
     from fedsim.models.causal_lm import check_model_source
     from fedsim.simulate import check_devices
 
+    if cfg.run.tensorboard:
+        from fedsim.tensorboard_log import check_tensorboard
+
+        check_tensorboard()
     store = build_store(cfg.data)
     check_model_source(cfg)
     check_devices(cfg)

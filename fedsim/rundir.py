@@ -109,8 +109,10 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 
 class RunWriter:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, scalars=None):
+        """`scalars`: also given every row (`add(row)`), e.g. fedsim/tensorboard_log.py's."""
         self.path = Path(path)
+        self.scalars = scalars
 
     def append_metrics(self, row: dict) -> None:
         """One round's row: released fields to metrics.jsonl, the rest to diagnostics.jsonl."""
@@ -120,6 +122,8 @@ class RunWriter:
         if not diag.exists():
             _append_jsonl(diag, DIAGNOSTICS_HEADER)
         _append_jsonl(diag, diagnostic)
+        if self.scalars is not None:
+            self.scalars.add(row)
 
     def write_json(self, name: str, obj: dict) -> None:
         atomic_write_text(self.path / name, json.dumps(_jsonable(obj), indent=2) + "\n")

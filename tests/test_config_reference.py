@@ -53,6 +53,7 @@ def test_allowed_values_come_from_pydantic():
     assert allowed["els.accounting_interval"] == "float in (0, 0.1]"
     assert allowed["dp.accountant"] == "one of pld, rdp, prv, edgeworth, lmo_faithful"
     assert allowed["model.lora.target_modules"] == "list[str] or null"
+    assert allowed["run.tensorboard"] == "bool"
 
     class Example(BaseModel):
         kinds: list[Literal["a", "b"]] = Field(["a"], min_length=1)
