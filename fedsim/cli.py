@@ -88,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("account", help="epsilon from every accountant; `fedsim account -h`", add_help=False)
     sub.add_parser("lmo-search", help="offline LMO noise search; `fedsim lmo-search -h`", add_help=False)
     sub.add_parser("compare", help="ULS vs ELS at matched (epsilon, delta) and compute; `fedsim compare -h`", add_help=False)
+    sub.add_parser("report", help="figures and a Markdown/HTML report of a sweep or compare directory; `fedsim report -h`",
+                   add_help=False)
 
     sub.add_parser("config", help="every config key: value, default, allowed values, meaning; `fedsim config -h`",
                    add_help=False)
 
     # subcommands with their own parsers take the rest of the line
-    external = {"account": "fedsim.account", "lmo-search": "fedsim.lmo_search", "compare": "fedsim.compare"}
+    external = {"account": "fedsim.account", "lmo-search": "fedsim.lmo_search", "compare": "fedsim.compare",
+                "report": "fedsim.report"}
     external["config"] = "fedsim.config_reference"
     if argv and argv[0] in external:
         import importlib
