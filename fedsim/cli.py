@@ -23,24 +23,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set dp.epsilon=2 (repeatable)")
 
 
-def _print_summary_table(summaries: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="fedsim result")
-    for col in ("method", "epsilon", "delta", "noise", "rounds/steps", "compute", "eval loss before", "eval loss after",
-                "perplexity after", "wall time"):
-        t.add_column(col)
-    for s in summaries:
-        t.add_row(
-            s.get("method", "?"), f"{s['epsilon']:.4g} (target {s.get('target_epsilon')})" if isinstance(s["epsilon"], float) else str(s["epsilon"]),
-            f"{s['delta']:.3g}", s["noise"], str(s["steps"]), f"{s.get('compute_examples', 0):,}",
-            f"{s['eval_loss_before']:.4f}", f"{s['eval_loss_after']:.4f}", f"{s['eval_perplexity_after']:.3f}",
-            f"{s['wall_time_s']:.1f}s",
-        )
-    Console(width=max(120, Console().width)).print(t)
-
-
 def cmd_run(args) -> int:
     from fedsim.config import load_config
     from fedsim.loop import resume, run
@@ -49,7 +31,9 @@ def cmd_run(args) -> int:
         run_dir, summary = resume(args.resume)
     else:
         run_dir, summary = run(load_config(args.config, args.overrides), args.method)
-    _print_summary_table([summary])
+    from fedsim.compare import print_results
+
+    print_results([(summary["method"], summary)])
     print(f"run directory: {run_dir}")
     if not str(summary["stop_reason"]).startswith("completed"):
         print(f"note: {summary['stop_reason']}")
@@ -88,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("account", help="epsilon from every accountant; `fedsim account -h`", add_help=False)
     sub.add_parser("lmo-search", help="offline LMO noise search; `fedsim lmo-search -h`", add_help=False)
     sub.add_parser("compare", help="ULS vs ELS at matched (epsilon, delta) and compute; `fedsim compare -h`", add_help=False)
+    sub.add_parser("sweep", help="a grid of comparisons over seeds; `fedsim sweep -h`", add_help=False)
     sub.add_parser("report", help="figures and a Markdown/HTML report of a sweep or compare directory; `fedsim report -h`",
                    add_help=False)
 
@@ -96,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # subcommands with their own parsers take the rest of the line
     external = {"account": "fedsim.account", "lmo-search": "fedsim.lmo_search", "compare": "fedsim.compare",
-                "report": "fedsim.report"}
+                "report": "fedsim.report", "sweep": "fedsim.sweep"}
     external["config"] = "fedsim.config_reference"
     if argv and argv[0] in external:
         import importlib

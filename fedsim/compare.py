@@ -1,11 +1,13 @@
-"""`fedsim compare CONFIG [--set k=v]`: ULS vs ELS at the same (epsilon, delta) and compute.
+"""`fedsim compare CONFIG [--set k=v]`: ULS vs ELS at the same (epsilon, delta) and compute, beside a non-private reference.
 
 Compute is counted in per-example gradient evaluations: ULS expects q * sum_u used(u) per
 round (`fedsim.plan.uls_users_compute`), ELS its expected batch per step. `compare.budget`
 fixes the total (None: ULS's planned compute over run.rounds); each method gets as many
 rounds/steps as fit, and is calibrated to dp.epsilon at the same delta under its own
-accountant. The result: one table, a comparison directory with both run directories,
-`compare.json` and `compare.png` (eval loss vs compute spent).
+accountant. The non-private reference (`compare.methods`, `compare.reference`) gets the same
+compute and hyper-parameters, no noise, and keeps the clipping unless compare.reference_clip is
+false. The result: one table in 80 columns, a comparison directory with a run directory per
+method, `compare.json` and `compare.png` (eval loss vs compute spent).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import time
 from pathlib import Path
 
 from fedsim.errors import ConfigError, FedsimError
-from fedsim.plan import ComputePlan
 
 
 def _curve(run_dir: Path) -> list[tuple[float, float]]:
@@ -39,7 +40,7 @@ def plot_curves(path: Path, curves: dict[str, list[tuple[float, float]]], title:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o", label=name)
     ax.set_xlabel("compute spent (per-example gradient evaluations)")
-    ax.set_ylabel("eval loss (held-out users)")
+    ax.set_ylabel("eval loss (held-out examples)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -52,26 +53,45 @@ def _fmt(x) -> str:
     return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
-def print_table(uls: dict, els: dict, cp: ComputePlan) -> None:
+#: compare.methods name -> (the row's label, compare.json key, run directory name)
+ROWS = {"uls": ("ULS", "uls", "uls"), "els": ("ELS", "els", "els"), "non-private": ("non-private", "reference", "reference")}
+
+
+def _shape(s: dict) -> str:
+    if s["method"] == "ULS":
+        return f"{s['steps']} rounds x {s['expected_cohort']:g}"
+    return f"{s['steps']} steps x {s['expected_batch']:g} k{s['k']}"
+
+
+def print_results(rows: list[tuple[str, dict]], title: str | None = None) -> None:
+    """Run summaries as one table in 80 columns (`fedsim run`, `fedsim compare`), then the
+    shared delta and eval loss before training as a plain line."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"ULS vs ELS, same (epsilon, delta), compute budget {cp.budget:,.0f} example gradients")
-    for col in ("method", "eps (target)", "delta", "noise", "shape", "compute (plan)", "eval loss", "ppl", "time"):
-        t.add_column(col)
-    for s in (uls, els):
-        shape = (f"{s['steps']} rounds x {s['expected_cohort']:.0f} users" if s["method"] == "ULS"
-                 else f"{s['steps']} steps x {s['expected_batch']:g} ex, k={s['k']}")
-        planned = cp.uls_expected if s["method"] == "ULS" else cp.els_expected
-        t.add_row(s["method"], f"{_fmt(s['epsilon'])} ({_fmt(s.get('target_epsilon'))})", f"{s['delta']:.2g}",
-                  s.get("noise", f"sigma={_fmt(s.get('noise_multiplier'))}"), shape, f"{s['compute_examples']:,} ({planned:,.0f})",
-                  f"{s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f}", f"{s['eval_perplexity_after']:.3f}",
-                  f"{s['wall_time_s']:.0f}s")
-    Console().print(t)
-    g = els.get("group_privacy_epsilon")
-    if g is not None:
-        print(f"ELS user-level epsilon: tight (mixture PLD) {_fmt(els['epsilon'])} vs group privacy {_fmt(g)}"
-              f" (k={els['k']}, same sigma and delta)")
+    t = Table(box=box.SIMPLE_HEAD, padding=0, show_edge=False, title=title)
+    for col, justify in (("method", "left"), ("eps/target", "right"), ("sigma", "right"), ("shape", "left"),
+                         ("compute", "right"), ("eval loss", "right"), ("ppl", "right"), ("time", "right")):
+        t.add_column(col, justify=justify, no_wrap=True)
+    for label, s in rows:
+        eps = "inf" if s.get("target_epsilon") is None else f"{s['epsilon']:.3g}/{s['target_epsilon']:g}"
+        sigma = s.get("noise_multiplier")
+        t.add_row(label, eps, s["noise"] if sigma is None else f"{sigma:.3g}", _shape(s), f"{s['compute_examples']:,}",
+                  f"{s['eval_loss_after']:.4f}", f"{s['eval_perplexity_after']:.2f}", f"{s['wall_time_s']:.0f}s")
+    Console(width=80).print(t)
+    first = rows[0][1]
+    print(f"delta={first['delta']:.2g}; eval loss before training {first['eval_loss_before']:.4f}")
+
+
+def print_table(result: dict) -> None:
+    """The comparison: one row per method, then ELS's group-privacy bound."""
+    print_results([(ROWS[n][0], result[ROWS[n][1]]) for n in result["methods"]],
+                  title=f"same (epsilon, delta), budget {result['compute_plan']['budget']:,.0f} example gradients")
+    els = result.get("els")
+    if els is not None and els.get("group_privacy_epsilon") is not None:
+        print(f"ELS user-level epsilon {_fmt(els['epsilon'])} (mixture PLD); group privacy would give"
+              f" {_fmt(els['group_privacy_epsilon'])}")
 
 
 def _run_or_resume(run_dir: Path, resuming: bool, start, say) -> tuple[Path, dict]:
@@ -85,6 +105,14 @@ def _run_or_resume(run_dir: Path, resuming: bool, start, say) -> tuple[Path, dic
     if summary.is_file():
         say(f"{run_dir.name}: finished before the interruption; kept")
         return run_dir, json.loads(summary.read_text(encoding="utf-8"))
+    ledger = run_dir / "privacy_ledger.jsonl"
+    if not (run_dir / "checkpoint.json").is_file() and not (ledger.is_file() and ledger.stat().st_size):
+        # interrupted while starting, before its first release: nothing was spent, start it again
+        import shutil
+
+        say(f"{run_dir.name}: interrupted before its first release; started again")
+        shutil.rmtree(run_dir)
+        return start()
     say(f"{run_dir.name}: resuming from its last checkpoint")
     return resume(run_dir, say=say)
 
@@ -93,10 +121,21 @@ def _with(cfg, section: str, **values):
     return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
 
 
-def run_compare(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, dict]:
-    """ULS then ELS at matched (epsilon, delta) and compute. `resume_dir`: an interrupted
-    comparison directory (its config.yaml is `cfg`); a finished method is kept, an interrupted
-    one resumes from its checkpoint, one not yet started runs."""
+def non_private(cfg):
+    """The reference's config: the same data, model, hyper-parameters and compute, no noise;
+    no clipping either unless compare.reference_clip."""
+    cfg = _with(_with(cfg, "dp", epsilon=None, noise_multiplier=0.0, mechanism="gaussian", lmo=None), "run", name="reference")
+    if cfg.compare.reference_clip:
+        return cfg
+    return _with(_with(cfg, "dp", clip_norm=math.inf), "els", clip_norm=math.inf)
+
+
+def run_compare(cfg, say=print, resume_dir: Path | None = None, out_dir: Path | None = None) -> tuple[Path, dict]:
+    """The methods of `compare.methods` (ULS, ELS, the non-private reference) at matched
+    (epsilon, delta) and compute. `resume_dir`: an interrupted comparison directory (its
+    config.yaml is `cfg`); a finished method is kept, an interrupted one resumes from its
+    checkpoint, one not yet started runs. `out_dir`: create exactly this directory (a sweep's
+    cell) instead of <run.output_dir>/<compare.name>."""
     from fedsim.data import build_store
     from fedsim.loop import run
     from fedsim.models import build_task
@@ -107,50 +146,75 @@ def run_compare(cfg, say=print, resume_dir: Path | None = None) -> tuple[Path, d
     if cfg.dp.noise_multiplier is not None:  # each method gets its own sigma for the shared budget
         say(f"note: dp.noise_multiplier={cfg.dp.noise_multiplier:g} is ignored; both methods are calibrated to dp.epsilon")
         cfg = _with(cfg, "dp", noise_multiplier=None)
+    methods = list(dict.fromkeys(cfg.compare.methods))
     store = build_store(cfg.data)
     cp = plan_compute(cfg, store)
-    out = Path(resume_dir) if resume_dir is not None else None
     uls_cfg = _with(cfg, "run", rounds=cp.uls_rounds, name="uls")
     els_cfg = _with(_with(cfg, "run", name="els"), "els", steps=cp.els_steps)
-    # plan both before anything is written or trained: bad inputs fail here
+    ref_cfg = non_private(uls_cfg if cfg.compare.reference == "uls" else els_cfg)
+    # plan every method before anything is written or trained: bad inputs fail here
     say(f"compute budget {cp.budget:,.0f} example gradients: ULS {cp.uls_rounds} rounds x {cp.uls_per_round:.1f}"
         f" expected per round; ELS {cp.els_steps} steps x {cp.els_batch:g} expected per step")
-    els_plan = plan_els(els_cfg, store, steps=cp.els_steps)  # first: its input checks are cheap, ULS calibration is not
-    dimension = build_task(cfg, store, log=say).flat.numel if mechanism_class(cfg.dp.mechanism).needs_dimension else None
-    uls_plan = plan_uls(uls_cfg, store.num_users, dimension)
-    say(f"ULS {uls_plan.mechanism.noise_label()}; ELS {els_plan.mechanism.noise_label()}"
-        f" (user-level epsilon {els_plan.planned_epsilon:.4g}, group-privacy bound {_fmt(els_plan.group_epsilon)})")
+    plans = {}
+    if "els" in methods:  # first: its input checks are cheap, ULS calibration is not
+        plans["els"] = plan_els(els_cfg, store, steps=cp.els_steps)
+    if "uls" in methods:
+        needs = mechanism_class(cfg.dp.mechanism).needs_dimension
+        plans["uls"] = plan_uls(uls_cfg, store.num_users, build_task(cfg, store, log=say).flat.numel if needs else None)
+    if "non-private" in methods:
+        plans["non-private"] = (plan_uls(ref_cfg, store.num_users) if cfg.compare.reference == "uls"
+                                else plan_els(ref_cfg, store, steps=cp.els_steps, group_bound=False))
+    for name, plan in plans.items():
+        extra = (f" (user-level epsilon {plan.planned_epsilon:.4g}, group-privacy bound {_fmt(plan.group_epsilon)})"
+                 if name == "els" else "")
+        noise = plan.mechanism.noise_label() if name != "non-private" else (
+            f"no noise, clip {plan.mechanism.clip_norm:g}" if cfg.compare.reference_clip else "no clipping, no noise")
+        say(f"{ROWS[name][0]}: {noise}{extra}")
     # the comparison directory; each method gets a run directory inside it
-    if out is None:
+    if resume_dir is not None:
+        out = Path(resume_dir)
+    elif out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True)
+        from fedsim.rundir import atomic_write_text, config_yaml
+
+        atomic_write_text(out / "config.yaml", config_yaml(cfg))
+    else:
         out = create_run_dir(_with(cfg, "run", name=cfg.compare.name))
-    uls_cfg, els_cfg = _with(uls_cfg, "run", output_dir=str(out)), _with(els_cfg, "run", output_dir=str(out))
-    # ULS (Flower), then ELS (centralized); evaluations at the same compute fractions
-    resuming = resume_dir is not None
-    uls_dir, uls = _run_or_resume(out / "uls", resuming, lambda: run(uls_cfg, "ULS", say, plan=uls_plan), say)
-    els_every = max(1, round(cp.els_steps * cfg.run.eval_every / cp.uls_rounds))
-    els_dir, els = _run_or_resume(out / "els", resuming,
-                                  lambda: run(els_cfg, "ELS", say, plan=els_plan, eval_every=els_every), say)
-    # results: table, compare.json, plot
-    curves = {"ULS": _curve(uls_dir), "ELS": _curve(els_dir)}
-    plot_curves(out / "compare.png", curves, f"epsilon={cfg.dp.epsilon}, delta={els['delta']:.3g},"
+    cfgs = {"uls": uls_cfg, "els": els_cfg, "non-private": ref_cfg}
+    els_every = max(1, round(cp.els_steps * cfg.run.eval_every / cp.uls_rounds))  # evaluations at the same compute fractions
+    summaries, dirs = {}, {}
+    for name in ("uls", "els", "non-private"):  # ULS (Flower), ELS (centralized), then the reference
+        if name not in methods:
+            continue
+        _, key, sub = ROWS[name]
+        c = _with(cfgs[name], "run", output_dir=str(out))
+        method = plans[name].method
+        every = els_every if method == "ELS" else None
+        dirs[key], summaries[key] = _run_or_resume(
+            out / sub, resume_dir is not None,
+            lambda c=c, method=method, plan=plans[name], every=every: run(c, method, say, plan=plan, eval_every=every), say)
+    # results: compare.json, plot, table
+    curves = {ROWS[n][0]: _curve(dirs[ROWS[n][1]]) for n in methods}
+    plot_curves(out / "compare.png", curves, f"epsilon={cfg.dp.epsilon}, delta={plans[methods[0]].delta:.3g},"
                 f" budget {cp.budget:,.0f} example gradients")
-    better = "ULS" if uls["eval_loss_after"] < els["eval_loss_after"] else "ELS"
-    result = {
-        "budget": cp.budget, "compute_plan": cp.as_dict(), "epsilon_target": cfg.dp.epsilon, "delta": els["delta"],
-        "lower_eval_loss": better, "eval_loss_gap_els_minus_uls": els["eval_loss_after"] - uls["eval_loss_after"],
-        "uls_dir": str(uls_dir), "els_dir": str(els_dir), "plot": str(out / "compare.png"),
-        "curves": {k: [list(p) for p in v] for k, v in curves.items()}, "uls": uls, "els": els,
-        "wall_time_s": time.time() - t0,
-    }
+    result = {"budget": cp.budget, "compute_plan": cp.as_dict(), "epsilon_target": cfg.dp.epsilon,
+              "delta": plans[methods[0]].delta, "methods": methods, "reference_shape": cfg.compare.reference,
+              **{f"{ROWS[n][1]}_dir": str(dirs[ROWS[n][1]]) for n in methods}, "plot": str(out / "compare.png"),
+              "curves": {k: [list(p) for p in v] for k, v in curves.items()}, **summaries}
+    if "uls" in methods and "els" in methods:
+        uls, els = summaries["uls"], summaries["els"]
+        result.update(lower_eval_loss="ULS" if uls["eval_loss_after"] < els["eval_loss_after"] else "ELS",
+                      eval_loss_gap_els_minus_uls=els["eval_loss_after"] - uls["eval_loss_after"])
+    result["wall_time_s"] = time.time() - t0
     RunWriter(out).write_json("compare.json", result)
-    print_table(uls, els, cp)
+    print_table(result)
     return out, result
 
 
 def main(argv: list[str]) -> int:
-    from fedsim.config import load_config
-
     from fedsim.cli import ArgumentParser
+    from fedsim.config import load_config
 
     p = ArgumentParser(prog="fedsim compare", description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="?", default="configs/default.yaml", help="experiment YAML (default: configs/default.yaml)")
@@ -174,8 +238,9 @@ def main(argv: list[str]) -> int:
     if cfg.dp.epsilon is None or not math.isfinite(cfg.dp.epsilon):
         raise ConfigError("compare needs a privacy budget: set dp.epsilon")
     out, result = run_compare(cfg, resume_dir=resume_dir)
-    print(f"comparison directory: {out} (compare.json, compare.png, uls/, els/); wall time {result['wall_time_s']:.1f}s")
-    for s in (result["uls"], result["els"]):
+    subs = ", ".join(ROWS[n][2] + "/" for n in result["methods"])
+    print(f"comparison directory: {out} (compare.json, compare.png, {subs}); wall time {result['wall_time_s']:.1f}s")
+    for s in (result[ROWS[n][1]] for n in result["methods"]):
         if not str(s.get("stop_reason", "")).startswith("completed"):
             print(f"note ({s['method']}): {s['stop_reason']}")
     return 0

@@ -21,7 +21,8 @@ from fedsim.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf is a valid value (the non-private reference's clip norm): keep it through JSON and YAML
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="constants")
 
 
 class DataConfig(_Strict):
@@ -164,6 +165,14 @@ class CompareConfig(_Strict):
     budget: int | None = Field(None, ge=1, description="example-gradient evaluations per method; None: ULS's"
                                " planned compute (run.rounds)")
     name: str = Field("compare", description="comparison directory <run.output_dir>/<name>")
+    methods: list[Literal["uls", "els", "non-private"]] = Field(
+        ["uls", "els", "non-private"], min_length=1,
+        description="the rows of the comparison; non-private: the reference (same compute, no noise)")
+    reference: Literal["uls", "els"] = Field(
+        "uls", description="the non-private reference's shape: ULS's rounds and cohorts, or ELS's steps and batches")
+    # learning rates tuned for clipped updates can diverge without the clipping (measured on the default)
+    reference_clip: bool = Field(True, description="the reference keeps the method's clipping (the cost of the noise"
+                                 " alone, epsilon = inf); false: no clipping either")
 
 
 class MeanEstimationConfig(_Strict):
@@ -278,6 +287,16 @@ class RunConfig(_Strict):
                               " to <run_dir>/tensorboard/ (needs `pip install fedsim[tensorboard]`)")
 
 
+class SweepConfig(_Strict):
+    """`fedsim sweep CONFIG`: the grid it runs when no --grid is given (configs/paper_grid.yaml)."""
+
+    grid: dict[str, list] = Field({}, description="config key -> values; every combination is one cell,"
+                                  " e.g. {dp.epsilon: [1, 4], compare.budget: [2000, 8000]}")
+    seeds: int = Field(1, ge=1, description="seeds per cell (run.seed + 0, 1, ...)")
+    jobs: int | None = Field(None, ge=1, description="comparisons run at once, one process each (None: one with"
+                             " the Ray backend, else one per core)")
+
+
 class ExperimentConfig(_Strict):
     run: RunConfig = Field(RunConfig(), description=RunConfig.__doc__)
     data: DataConfig = Field(DataConfig(), description=DataConfig.__doc__)
@@ -288,6 +307,7 @@ class ExperimentConfig(_Strict):
     els: ElsConfig = Field(ElsConfig(), description=ElsConfig.__doc__)
     compare: CompareConfig = Field(CompareConfig(), description=CompareConfig.__doc__)
     mean_estimation: MeanEstimationConfig = Field(MeanEstimationConfig(), description=MeanEstimationConfig.__doc__)
+    sweep: SweepConfig = Field(SweepConfig(), description=SweepConfig.__doc__)
 
     @model_validator(mode="after")
     def _check(self) -> "ExperimentConfig":

@@ -84,6 +84,10 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
     opt = ServerOptimizer(task.flat.get(), *method.optimizer)
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer_state"])
+    else:  # a checkpoint before the first release: a run interrupted in its first round/step resumes too
+        checkpoint_if_due(cfg, run_dir, 0, weights=task.flat.get(), optimizer_state=opt.state_dict(),
+                          extra={"method": method.name, "compute": 0, "eval_every": eval_every},
+                          rng_states={"torch": torch.get_rng_state()})
     stop_reason, done, after = f"completed planned {method.key}s", start - 1, before
     with RoundProgress(plan.steps, label=f"{method.name} {method.key}s", enabled=not cfg.simulation.verbose) as bar:
         for step in range(start, plan.steps + 1):

@@ -165,6 +165,33 @@ def _choose_accountant(cfg, cls: type[NoiseMechanism], probe: dp_event.DpEvent, 
     raise ConfigError(f"dp.accountant={name} cannot account for {what}; use one of {able}")
 
 
+def _calibrated(cls: type[NoiseMechanism], clip: float, **setting) -> NoiseMechanism:
+    """cls.calibrated(clip, **setting), remembered between runs: LMO's searched parameters by the
+    search's own cache; a Gaussian's sigma (an ELS mixture calibration takes minutes at small
+    epsilon, and a sweep repeats it for every seed) in a JSON file per setting. A remembered sigma
+    is never trusted: the caller recomputes epsilon for it and refuses one above the target."""
+    import hashlib
+    import json
+
+    from fedsim.lmo_search import ResultCache
+    from fedsim.rundir import atomic_write_text, cache_dir
+
+    if cls.config_key != "noise_multiplier":
+        return cls.calibrated(clip, cache=ResultCache(), **setting)
+    key = json.dumps({"v": 1, "mechanism": cls.name, **setting}, sort_keys=True, default=str)
+    path = cache_dir("calibration", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved["setting"] == key:
+            return cls(clip, float(saved["noise_multiplier"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    mech = cls.calibrated(clip, **setting)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"setting": key, "noise_multiplier": mech.noise_multiplier}) + "\n")
+    return mech
+
+
 def _mechanism_for(cfg, *, clip: float, q: float, steps: int, delta: float, k: int | None,
                    dimension: int | None, options: dict, warnings: list[str]):
     """(mechanism, accountant, options, planned epsilon, target epsilon)."""
@@ -186,10 +213,8 @@ def _mechanism_for(cfg, *, clip: float, q: float, steps: int, delta: float, k: i
             if dp.epsilon is None:
                 raise ConfigError(f"set dp.epsilon (a budget) or the noise, dp.{cls.config_key}"
                                   " (dp.noise_multiplier=0: a non-private run)")
-            from fedsim.lmo_search import ResultCache  # searched noise (LMO) is kept between runs
-
-            mech = cls.calibrated(clip, target_epsilon=dp.epsilon, delta=delta, q=q, steps=steps, k=k,
-                                  accountant=accountant, dimension=dimension, cache=ResultCache(), **opts)
+            mech = _calibrated(cls, clip, target_epsilon=dp.epsilon, delta=delta, q=q, steps=steps, k=k,
+                               accountant=accountant, dimension=dimension, **opts)
         eps = epsilon(make_accountant(accountant, **opts), mech.run_event(q, steps, k), delta)
     except errors as exc:
         raise ConfigError(f"dp: {exc}") from None

@@ -1,4 +1,4 @@
-"""A progress bar for rounds/steps with epsilon spent and ETA (rich, on stderr)."""
+"""Progress bars (rich, on stderr): rounds/steps with epsilon spent and ETA; a sweep's runs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ class RoundProgress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self._p = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                TextColumn("eps {task.fields[eps]}"), TextColumn("loss {task.fields[loss]}"),
@@ -26,6 +31,43 @@ class RoundProgress:
         if self._p is not None:
             self._p.update(self._task, completed=done, eps=f"{eps:.3g}",
                            loss=f"{loss:.4f}" if loss is not None else "-")
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.__exit__(*exc)
+        return False
+
+
+class RunProgress:
+    """A sweep's runs with ETA; without a terminal, one line per finished comparison instead."""
+
+    def __init__(self, total: int, completed: int = 0, label: str = "runs"):
+        self.total, self.completed, self.label = total, completed, label
+        self._p = None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                               TextColumn("ETA"), TimeRemainingColumn())
+            self._p.__enter__()
+            self._task = self._p.add_task(self.label, total=self.total, completed=self.completed)
+        return self
+
+    def advance(self, n: int, line: str) -> None:
+        if self._p is not None:
+            self._p.update(self._task, advance=n)
+            self._p.console.print(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         if self._p is not None:

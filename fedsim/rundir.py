@@ -76,8 +76,13 @@ def create_run_dir(cfg) -> Path:
         except FileExistsError:
             i += 1
             path = base / f"{cfg.run.name}-{i}"
-    atomic_write_text(path / "config.yaml", yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False))
+    atomic_write_text(path / "config.yaml", config_yaml(cfg))
     return path
+
+
+def config_yaml(cfg) -> str:
+    """The resolved config as written to a run directory's config.yaml."""
+    return yaml.safe_dump(json.loads(cfg.to_json()), sort_keys=False)
 
 
 #: per-round fields covered by the guarantee (public plan values, or computed from the release)

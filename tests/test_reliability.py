@@ -307,7 +307,8 @@ def test_compare_killed_in_uls_then_in_els_resumes_to_the_uninterrupted_result(t
     from fedsim.cli import main
 
     overrides = ["els.k=2", "els.expected_batch=8", "run.checkpoint_every=1",
-                 "els.accounting_interval=0.1"]  # quick calibrations
+                 "els.accounting_interval=0.1",  # quick calibrations
+                 "compare.methods=[uls,els]"]  # the crash fault would stop a fresh reference run as well
     ref_out, ref = __import__("fedsim.compare", fromlist=["run_compare"]).run_compare(
         load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path / 'ref'}", *overrides]), say=lambda *_: None)
     crash = [f"run.output_dir={tmp_path / 'crash'}", *overrides, "simulation.faults.server_crash_round=2"]

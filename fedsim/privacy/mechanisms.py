@@ -205,7 +205,8 @@ class GaussianMechanism(NoiseMechanism):
         return stream.normal(n).mul_(self.noise_multiplier * self.clip_norm)
 
     def noise_std(self) -> float:
-        return self.noise_multiplier * self.clip_norm
+        # sigma = 0 with an unbounded clip (the non-private reference): no noise, not 0 * inf = nan
+        return self.noise_multiplier * self.clip_norm if self.noise_multiplier else 0.0
 
     def dp_event(self) -> dp_event.DpEvent:
         if self.noise_multiplier == 0:
