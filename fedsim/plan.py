@@ -12,7 +12,12 @@ import numpy as np
 from dp_accounting import dp_event
 
 from fedsim.errors import ConfigError
-from fedsim.privacy.accounting import accountant_names, epsilon, make_accountant
+from fedsim.privacy.accounting import (
+    accountant_names,
+    epsilon,
+    make_accountant,
+    options_for,
+)
 from fedsim.privacy.mechanisms import NoiseMechanism
 
 
@@ -139,22 +144,12 @@ def mechanism_class(name: str) -> type[NoiseMechanism]:
     return getattr(importlib.import_module(module), cls)
 
 
-def _options_for(accountant: str, options: dict) -> dict:
-    """The options the named accountant's factory takes (e.g. ELS's PLD interval for pld and edgeworth)."""
-    import inspect
-
-    from fedsim.privacy.accounting import accountant_factory
-
-    params = inspect.signature(accountant_factory(accountant)).parameters
-    return {k: v for k, v in options.items() if k in params}
-
-
 def _choose_accountant(cfg, cls: type[NoiseMechanism], probe: dp_event.DpEvent, options: dict,
                        warnings: list[str], what: str) -> tuple[str, dict]:
     """dp.accountant if it can account for the run's release; the mechanism's own accountant if
     dp.accountant was left at its default; else a one-line error naming the ones that can."""
     name = cfg.dp.accountant
-    opts = _options_for(name, options)
+    opts = options_for(name, options)
     if make_accountant(name, **opts).supports(probe):
         return name, opts
     fallback = cls.default_accountant
@@ -205,7 +200,7 @@ def _mechanism_for(cfg, *, clip: float, q: float, steps: int, delta: float, k: i
     except errors as exc:
         raise ConfigError(f"dp.{cls.config_key}: {exc}") from None
     if mech is not None and mech.noise_std() == 0:  # dp.noise_multiplier=0: a non-private reference
-        return mech, dp.accountant, _options_for(dp.accountant, options), math.inf, None
+        return mech, dp.accountant, options_for(dp.accountant, options), math.inf, None
     try:
         accountant, opts = _choose_accountant(cfg, cls, (mech or cls.probe(clip)).run_event(q, 1, k), options,
                                               warnings, what)

@@ -11,7 +11,6 @@ raised before anything is written.
 from __future__ import annotations
 
 import html
-import inspect
 import json
 import math
 import sys
@@ -461,10 +460,10 @@ def recomputed_epsilons(run: Run, notes: list[str], deadline: float) -> dict[str
     from dp_accounting.privacy_accountant import UnsupportedEventError
 
     from fedsim.privacy.accounting import (
-        accountant_factory,
         accountant_names,
         epsilon,
         make_accountant,
+        options_for,
     )
     from fedsim.privacy.ledger import PrivacyLedger, compress
 
@@ -487,9 +486,7 @@ def recomputed_epsilons(run: Run, notes: list[str], deadline: float) -> dict[str
     for name in accountant_names():
         if name == summary.get("accountant"):
             continue  # its curve is the run's own epsilon column
-        # the run's options (e.g. its PLD discretisation) where the accountant takes them
-        params = inspect.signature(accountant_factory(name)).parameters
-        opts = {k: v for k, v in options.items() if k in params}
+        opts = options_for(name, options)  # the run's options (e.g. its PLD discretisation) where it takes them
         if not make_accountant(name, **opts).supports(compress(events)):
             continue
         if time.perf_counter() > deadline:

@@ -202,6 +202,15 @@ def accountant_factory(name: str):
     return getattr(importlib.import_module(module), factory)
 
 
+def options_for(name: str, options: dict) -> dict:
+    """The subset of `options` the named accountant's factory takes (e.g. a PLD discretisation
+    interval is kept for pld and edgeworth, dropped for rdp)."""
+    import inspect
+
+    params = inspect.signature(accountant_factory(name)).parameters
+    return {k: v for k, v in options.items() if k in params}
+
+
 def make_accountant(name: str, **options) -> dpa.PrivacyAccountant:
     """A fresh accountant by name (options: the factory's keyword arguments)."""
     if name in _ALIASES:
