@@ -226,15 +226,9 @@ def _fmt(x, spec=".4f") -> str:
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from fedsim.console import print_table
 
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for r in rows:
-        table.add_row(*r)
-    Console(width=max(110, Console().width)).print(table)
+    print_table(columns, rows, title, right=("epsilon", "seconds", "sigma"), wrap=("note", "kind"))
 
 
 def _validate(args) -> None:

@@ -66,20 +66,16 @@ def _shape(s: dict) -> str:
 def print_results(rows: list[tuple[str, dict]], title: str | None = None) -> None:
     """Run summaries as one table in 80 columns (`fedsim run`, `fedsim compare`), then the
     shared delta and eval loss before training as a plain line."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
+    from fedsim.console import print_table
 
-    t = Table(box=box.SIMPLE_HEAD, padding=0, show_edge=False, title=title)
-    for col, justify in (("method", "left"), ("eps/target", "right"), ("sigma", "right"), ("shape", "left"),
-                         ("compute", "right"), ("eval loss", "right"), ("ppl", "right"), ("time", "right")):
-        t.add_column(col, justify=justify, no_wrap=True)
+    table = []
     for label, s in rows:
         eps = "inf" if s.get("target_epsilon") is None else f"{s['epsilon']:.3g}/{s['target_epsilon']:g}"
         sigma = s.get("noise_multiplier")
-        t.add_row(label, eps, s["noise"] if sigma is None else f"{sigma:.3g}", _shape(s), f"{s['compute_examples']:,}",
-                  f"{s['eval_loss_after']:.4f}", f"{s['eval_perplexity_after']:.2f}", f"{s['wall_time_s']:.0f}s")
-    Console(width=80).print(t)
+        table.append([label, eps, s["noise"] if sigma is None else f"{sigma:.3g}", _shape(s), f"{s['compute_examples']:,}",
+                      f"{s['eval_loss_after']:.4f}", f"{s['eval_perplexity_after']:.2f}", f"{s['wall_time_s']:.0f}s"])
+    print_table(["method", "eps/target", "sigma", "shape", "compute", "eval loss", "ppl", "time"], table, title,
+                right=("eps/target", "sigma", "compute", "eval loss", "ppl", "time"))
     first = rows[0][1]
     print(f"delta={first['delta']:.2g}; eval loss before training {first['eval_loss_before']:.4f}")
 

@@ -79,25 +79,22 @@ def _fmt(x) -> str:
 
 
 def _print_result(res: LmoSearchResult) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from fedsim.console import print_table
 
     s, g = res.setting, res.gaussian
-    t = Table(title=f"LMO search: eps={s['epsilon']:g}, delta={s['delta']:g}, q={s['q']:g}, steps={s['steps']}, "
-                    f"d={s['dimension']}, objective={s['objective']}, accountant={s['accountant']}"
-                    + (f", ELS k={s['k']}" if s.get("k", 1) > 1 else ""))
-    for column in ("quantity", "LMO", "Gaussian"):
-        t.add_column(column)
-    t.add_row("parameters", ", ".join(f"{k}={v:.5g}" for k, v in res.params.to_dict().items()),
-              f"sigma={_fmt(g.get('sigma_pld'))} (PLD); {_fmt(g['sigma_generic_rdp'])} (generic RDP)")
-    t.add_row("noise std / C", _fmt(res.noise_std), _fmt(g["noise_std"]))
-    t.add_row("E|noise| / C", _fmt(res.expected_magnitude), _fmt(g["expected_magnitude"]))
-    t.add_row(f"usefulness P(|noise|<={s['gamma']:g} C)", _fmt(res.usefulness), _fmt(g["usefulness"]))
-    t.add_row("epsilon, lmo_faithful (upper bound)", _fmt(res.epsilon_faithful), f"{s['epsilon']:g} (PLD)")
+    rows = [["parameters", ", ".join(f"{k}={v:.5g}" for k, v in res.params.to_dict().items()),
+             f"sigma={_fmt(g.get('sigma_pld'))} (PLD); {_fmt(g['sigma_generic_rdp'])} (generic RDP)"],
+            ["noise std / C", _fmt(res.noise_std), _fmt(g["noise_std"])],
+            ["E|noise| / C", _fmt(res.expected_magnitude), _fmt(g["expected_magnitude"])],
+            [f"usefulness P(|noise|<={s['gamma']:g} C)", _fmt(res.usefulness), _fmt(g["usefulness"])],
+            ["epsilon, lmo_faithful (upper bound)", _fmt(res.epsilon_faithful), f"{s['epsilon']:g} (PLD)"]]
     for variant in ("per_step", "composed"):
         val = _fmt(res.epsilon_paper[variant]) if variant in res.epsilon_paper else "n/a (example-level only)"
-        t.add_row(f"epsilon, paper {variant.replace('_', '-')} (not a bound)", val, "")
-    Console().print(t)
+        rows.append([f"epsilon, paper {variant.replace('_', '-')} (not a bound)", val, ""])
+    print_table(["quantity", "LMO", "Gaussian"], rows, wrap=("quantity", "LMO", "Gaussian"),
+                title=f"LMO search: eps={s['epsilon']:g}, delta={s['delta']:g}, q={s['q']:g}, steps={s['steps']},"
+                      f" d={s['dimension']}, objective={s['objective']}, accountant={s['accountant']}"
+                      + (f", ELS k={s['k']}" if s.get("k", 1) > 1 else ""))
     if math.isfinite(res.noise_std) and g.get("noise_std"):
         print(f"noise std ratio LMO/Gaussian: {res.noise_std / g['noise_std']:.4g}")
 

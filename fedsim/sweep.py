@@ -244,25 +244,19 @@ def write_results(sweep: Sweep, rows: list[dict]) -> None:
 
 def print_summary(sweep: Sweep, rows: list[dict]) -> None:
     """Per cell: each method's mean eval loss and 95% half-width over seeds, in 80 columns."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
+    from fedsim.console import print_table
     from fedsim.report import t_interval
 
     labels = [METHOD_LABELS[m] for m in sweep.methods]
-    t = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False,
-              title=f"eval loss after training, mean +- 95% half-width over {sweep.seeds} seed(s)")
-    t.add_column("cell", overflow="fold")
-    for label in labels:
-        t.add_column(label, justify="right", no_wrap=True)
+    table = []
     for cell in cells(sweep.grid):
         name = cell_name(cell)
-        stats = [[r["eval_loss_after"] for r in rows if r["cell"] == name and r["method"] == label
-                  and r["eval_loss_after"] is not None] for label in labels]
-        t.add_row(name, *("-" if not xs else f"{t_interval(xs)[0]:.4f}" + (
-            "" if len(xs) < 2 else f" +-{t_interval(xs)[1]:.4f}") for xs in stats))
-    Console(width=80).print(t)
+        losses = [[r["eval_loss_after"] for r in rows if r["cell"] == name and r["method"] == label
+                   and r["eval_loss_after"] is not None] for label in labels]
+        table.append([name, *("-" if not xs else f"{t_interval(xs)[0]:.4f}" + (
+            "" if len(xs) < 2 else f" +-{t_interval(xs)[1]:.4f}") for xs in losses)])
+    print_table(["cell", *labels], table, f"eval loss after training, mean +- 95% half-width over {sweep.seeds} seed(s)",
+                right=tuple(labels), wrap=("cell",))
 
 
 # -- running ------------------------------------------------------------------------------------------------------

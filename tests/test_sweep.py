@@ -162,3 +162,12 @@ def test_every_command_has_help(command, capsys):
         rc = exc.code
     out = capsys.readouterr().out
     assert rc == 0 and out.startswith("usage: fedsim") and len(out.splitlines()) > 3
+
+
+def test_account_table_fits_80_columns_without_cutting_a_number(capsys):
+    from fedsim.cli import main
+
+    assert main(["account", "--q", "0.001", "--sigma", "1.1", "--steps", "100", "--delta", "1e-6"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out
+    assert any(line.startswith("pld") for line in out.splitlines())
