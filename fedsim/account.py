@@ -182,24 +182,29 @@ def check_run_dir(run_dir: str) -> dict:
     d = Path(run_dir)
     if not d.is_dir():
         raise FedsimError(f"run directory {run_dir} does not exist")
-    ledger_path, summary_path = d / "privacy_ledger.jsonl", d / "summary.json"
-    for f in (ledger_path, summary_path):
-        if not f.is_file():
-            raise FedsimError(f"{f} is missing")
+    ledger_path, summary_path, plan_path = d / "privacy_ledger.jsonl", d / "summary.json", d / "plan.json"
+    if not ledger_path.is_file():
+        raise FedsimError(f"{ledger_path} is missing")
+    finished = summary_path.is_file()
+    if not (finished or plan_path.is_file()):
+        raise FedsimError(f"{d} has neither summary.json (a finished run) nor plan.json (a run in progress or"
+                          " interrupted): no accountant to recompute epsilon with")
+    source = summary_path if finished else plan_path
     try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        summary = json.loads(source.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise FedsimError(f"{summary_path}: not JSON ({exc.msg})") from None
-    missing = [key for key in ("epsilon", "delta", "accountant") if key not in summary]
+        raise FedsimError(f"{source}: not JSON ({exc.msg})") from None
+    missing = [key for key in (("epsilon",) if finished else ()) + ("delta", "accountant") if key not in summary]
     if missing:
-        raise FedsimError(f"{summary_path} lacks {', '.join(missing)}")
+        raise FedsimError(f"{source} lacks {', '.join(missing)}")
     ledger = PrivacyLedger(ledger_path)  # reads (never writes) the existing file
     try:
         total = ledger.total_event()
     except (KeyError, TypeError) as exc:  # a line without "event", or wrong fields
         raise FedsimError(f"{ledger_path}: malformed ledger entry ({exc})") from None
-    claimed = summary["epsilon"]
-    claimed = math.inf if claimed is None or claimed in ("inf", "Infinity") else float(claimed)
+    claimed = summary.get("epsilon")  # None: an unfinished run has no claim to compare with
+    if finished:
+        claimed = math.inf if claimed is None or claimed in ("inf", "Infinity") else float(claimed)
     options = summary.get("accountant_options") or {}
     t0 = time.perf_counter()
     try:
@@ -207,13 +212,16 @@ def check_run_dir(run_dir: str) -> dict:
     except (ValueError, TypeError) as exc:
         raise FedsimError(f"{summary_path}: cannot recompute epsilon ({exc})") from None
     seconds = time.perf_counter() - t0
-    if math.isinf(claimed) or math.isinf(recomputed):
+    if not finished:
+        match = True  # nothing claimed yet: epsilon spent so far is the answer
+    elif math.isinf(claimed) or math.isinf(recomputed):
         match = claimed == recomputed
     else:
         match = abs(recomputed - claimed) <= MATCH_RTOL * max(abs(claimed), 1e-12)
     return {"run_dir": str(d), "releases": len(ledger), "accountant": summary["accountant"],
             "delta": float(summary["delta"]), "epsilon_summary": _num(claimed), "epsilon_ledger": _num(recomputed),
-            "match": bool(match), "seconds": seconds}
+            "match": bool(match), "seconds": seconds, "finished": finished,
+            "planned_steps": summary.get("planned_steps"), "target_epsilon": summary.get("target_epsilon")}
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -266,6 +274,11 @@ def _run(args) -> int:
                 verdict = "matches" if res["match"] else "DOES NOT MATCH"
                 print(f"{res['run_dir']}: {res['releases']} releases, accountant {res['accountant']},"
                       f" delta {res['delta']:g}")
+                if not res["finished"]:
+                    print(f"not finished (no summary.json): epsilon spent so far {_fmt(res['epsilon_ledger'], '.6g')}"
+                          f" after {res['releases']} of {res['planned_steps']} planned releases"
+                          f" (target {res['target_epsilon']})")
+                    continue
                 print(f"epsilon in summary.json: {_fmt(res['epsilon_summary'], '.6g')}; recomputed from the ledger: "
                       f"{_fmt(res['epsilon_ledger'], '.6g')} -> {verdict} (rtol {MATCH_RTOL:g})")
         return 0 if all(res["match"] for res in results) else 1

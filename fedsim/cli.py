@@ -28,6 +28,11 @@ def cmd_run(args) -> int:
     from fedsim.loop import resume, run
 
     if args.resume:
+        if args.overrides:  # rounds, clip, noise and budget are the plan the ledger was spent under
+            from fedsim.errors import ConfigError
+
+            raise ConfigError("--resume continues a run with its own config.yaml; --set cannot change it"
+                              " (start a new run to change the config)")
         run_dir, summary = resume(args.resume)
     else:
         run_dir, summary = run(load_config(args.config, args.overrides), args.method)

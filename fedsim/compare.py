@@ -224,6 +224,9 @@ def main(argv: list[str]) -> int:
         resume_dir = Path(args.resume)
         if not (resume_dir / "config.yaml").is_file():
             raise FedsimError(f"{resume_dir} is not a fedsim compare directory (no config.yaml)")
+        if (resume_dir / "privacy_ledger.jsonl").is_file() or (resume_dir / "metrics.jsonl").is_file():
+            raise FedsimError(f"{resume_dir} is a single run, not a comparison; continue it with"
+                              f" fedsim run --resume {resume_dir}")
         if (resume_dir / "compare.json").is_file():
             raise FedsimError(f"{resume_dir} already finished (compare.json exists); nothing to resume")
         if args.overrides:

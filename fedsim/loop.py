@@ -78,6 +78,9 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
         before = {"loss": first["eval_loss"], "perplexity": first["eval_perplexity"]}
         say(f"resuming after {method.key} {ckpt['step']} ({len(ledger)} releases in the ledger)")
     else:
+        # the plan's public fields, so that `fedsim account RUN_DIR` can recompute epsilon spent so
+        # far from the ledger even if the run never writes summary.json
+        writer.write_json("plan.json", plan.describe())
         before = task.evaluate(evalset)
         writer.append_metrics({method.key: 0, "compute": 0, "eval_loss": before["loss"],
                                "eval_perplexity": before["perplexity"], "epsilon": 0.0})
