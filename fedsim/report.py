@@ -224,6 +224,9 @@ class Verdict:
     winner: str  # "ULS", "ELS" or "tie"
     margin: float  # mean ELS loss - mean ULS loss: > 0 means ULS is better
     overlap: bool | None  # the two 95% intervals overlap; None with a single seed
+    # half-width of the 95% interval of the per-seed differences (ELS - ULS of the same seed): the
+    # seeds share everything but the private training, so pairing removes what they have in common
+    paired: float | None = None
 
 
 def decide(uls: tuple[float, float | None], els: tuple[float, float | None]) -> Verdict:
@@ -259,10 +262,24 @@ def _reference(stats: dict, cell_key: tuple) -> Stat | None:
     return stats.get((cell_key, REFERENCE)) or stats.get(((extra, None, budget), REFERENCE))
 
 
-def verdicts(stats: dict[tuple, Stat]) -> dict[tuple, Verdict]:
-    """Cell key -> ULS vs ELS verdict, for the cells that have both."""
-    return {ck: decide((stats[ck, "ULS"].mean, stats[ck, "ULS"].half), (stats[ck, "ELS"].mean, stats[ck, "ELS"].half))
-            for ck, m in stats if m == "ULS" and (ck, "ELS") in stats}
+def verdicts(stats: dict[tuple, Stat], results: Results | None = None) -> dict[tuple, Verdict]:
+    """Cell key -> ULS vs ELS verdict, for the cells that have both; with `results`, also the
+    paired interval of the margin over the seeds both methods ran."""
+    import dataclasses
+
+    out = {}
+    for ck, m in stats:
+        if m != "ULS" or (ck, "ELS") not in stats:
+            continue
+        v = decide((stats[ck, "ULS"].mean, stats[ck, "ULS"].half), (stats[ck, "ELS"].mean, stats[ck, "ELS"].half))
+        if results is not None:
+            by_seed = {(r.method, r.seed): r.loss_after for r in results.runs if r.cell_key == ck}
+            diffs = [by_seed["ELS", seed] - by_seed["ULS", seed] for (method, seed) in by_seed
+                     if method == "ULS" and ("ELS", seed) in by_seed]
+            if len(diffs) >= 2:
+                v = dataclasses.replace(v, paired=t_interval(diffs)[1])
+        out[ck] = v
+    return out
 
 
 # --- figures ---------------------------------------------------------------------------------------
@@ -410,7 +427,8 @@ def plot_winner_heatmap(results: Results, verdict_of: dict[tuple, Verdict], path
                 ax.text(j, i, "no data", ha="center", va="center", fontsize=8)
                 continue
             overlap = "n/a (1 seed)" if v.overlap is None else "overlap" if v.overlap else "no overlap"
-            ax.text(j, i, f"{v.winner}\n{v.margin:+.3g}\n{overlap}", ha="center", va="center", fontsize=8,
+            paired = "" if v.paired is None else f"\npaired ±{v.paired:.2g}"
+            ax.text(j, i, f"{v.winner}\n{v.margin:+.3g}{paired}\n{overlap}", ha="center", va="center", fontsize=8,
                     color="white" if abs(v.margin) > 0.6 * scale else "black")
     ax.set_xticks(range(len(budgets)), [f"{b:,.0f}" for b in budgets])
     ax.set_yticks(range(len(settings)), [_setting_label(s).replace("target ε = ", "ε=") for s in settings])
@@ -679,10 +697,15 @@ def _blocks(results: Results, stats: dict, verdict_of: dict, figures: list[tuple
                              "epsilon spent (mean)", "wall time s (mean)"], table))
     blocks.append(("h2", "Winner per cell"))
     blocks.append(("p", ("Margin = mean ELS eval loss − mean ULS eval loss: positive means ULS reached the lower"
-                         " loss. Overlap: whether the two 95% intervals overlap (n/a with one seed).")))
-    blocks.append(("table", ["cell", "winner", "margin (ELS − ULS)", "95% intervals overlap"],
-                   [[label[ck], v.winner, f"{v.margin:+.4f}", "n/a" if v.overlap is None else
-                     "yes" if v.overlap else "no"] for ck in label if (v := verdict_of.get(ck))]))
+                         " loss. Paired: the 95% interval of the per-seed differences (the seeds share the"
+                         " data, the evaluation set and the pre-trained model); resolved when it excludes 0."
+                         " Overlap: whether the two methods' own 95% intervals overlap (n/a with one seed).")))
+    blocks.append(("table", ["cell", "winner", "margin (ELS − ULS)", "paired 95% half-width", "resolved (paired)",
+                             "95% intervals overlap"],
+                   [[label[ck], v.winner, f"{v.margin:+.4f}", "n/a" if v.paired is None else f"{v.paired:.4f}",
+                     "n/a" if v.paired is None else "yes" if abs(v.margin) > v.paired else "no",
+                     "n/a" if v.overlap is None else "yes" if v.overlap else "no"]
+                    for ck in label if (v := verdict_of.get(ck))]))
     blocks.append(("h2", "Figures"))
     blocks += [("figure", name, caption) for name, caption in figures]
     if mean_estimation is not None:
@@ -778,7 +801,7 @@ def write_report(root: Path, out: Path, as_html: bool = False, mean_estimation: 
     results = load_results(root)
     mean_data = load_mean_estimation(mean_estimation) if mean_estimation is not None else None
     stats = summarise(results)
-    verdict_of = verdicts(stats)
+    verdict_of = verdicts(stats, results)
     reps = representative_runs(results)
     rep_text = "; ".join(f"{m}: cell {r.cell}, seed {r.seed}" for m, r in reps.items())
     if out.exists() and not out.is_dir():

@@ -92,9 +92,11 @@ def test_report_writes_every_figure_and_the_tables(sweep_report, capsys):
     md = (out / "report.md").read_text()
     for name in FIGURES:
         assert f"![{name}]({name})" in md
-    assert "| cell | winner | margin (ELS − ULS) | 95% intervals overlap |" in md
-    assert "| dp.epsilon=1,compare.budget=100 | ULS | +0.5000 | no |" in md
-    assert "| dp.epsilon=8,compare.budget=100 | ELS | -0.0750 | yes |" in md
+    assert ("| cell | winner | margin (ELS − ULS) | paired 95% half-width | resolved (paired) |"
+            " 95% intervals overlap |") in md
+    rows = [line for line in md.splitlines() if line.startswith("| dp.epsilon=")]
+    assert any(r.startswith("| dp.epsilon=1,compare.budget=100 | ULS | +0.5000 |") and r.endswith("| no |") for r in rows)
+    assert any(r.startswith("| dp.epsilon=8,compare.budget=100 | ELS | -0.0750 |") and r.endswith("| yes |") for r in rows)
     assert "outside the differential-privacy guarantee" in md
     assert "| dp.epsilon=1,compare.budget=100 seed 99 ULS | failed: out of memory |" in md
     html = (out / "report.html").read_text()
@@ -115,7 +117,7 @@ def test_epsilon_figure_recomputes_with_other_accountants(smoke_runs, tmp_path, 
     report.write_report(root, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert "ULS: rdp skipped (one evaluation took" in md and "ELS: edgeworth skipped" in md
-    assert "| dp.epsilon=1,compare.budget=100 | ULS | +0.1000 | n/a |" in md  # one seed: no interval
+    assert "| dp.epsilon=1,compare.budget=100 | ULS | +0.1000 | n/a | n/a | n/a |" in md  # one seed: no interval
 
 
 def test_t_interval_known_value():
@@ -186,3 +188,22 @@ def test_missing_run_directories_cost_only_their_figures(tmp_path):
     assert "epsilon_vs_steps.png not drawn" in md and "clipping.png not drawn" in md
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["loss_vs_compute.png", "report.md",
                                                                          "winner_heatmap.png"]
+
+
+def test_the_paired_interval_resolves_what_overlapping_intervals_cannot():
+    """Seeds that move both methods together (a shared offset) widen each method's interval, not
+    the interval of their per-seed differences."""
+    from types import SimpleNamespace
+
+    from fedsim import report
+
+    ck = ((), 1.0, 100.0)
+    offsets = [0.0, 0.3, -0.2]
+    runs = [SimpleNamespace(cell_key=ck, method=m, seed=i, loss_after=base + off + (0.01 * i if m == "ELS" else 0))
+            for m, base in (("ULS", 2.0), ("ELS", 2.1)) for i, off in enumerate(offsets)]
+    stats = {(ck, m): report.Stat(*report.t_interval([r.loss_after for r in runs if r.method == m]), 3, 1.0, 1.0)
+             for m in ("ULS", "ELS")}
+    v = report.verdicts(stats, SimpleNamespace(runs=runs))[ck]
+    assert v.winner == "ULS" and v.overlap is True  # the unpaired intervals cannot tell
+    diffs = [0.1, 0.11, 0.12]
+    assert v.paired == pytest.approx(report.t_interval(diffs)[1]) and abs(v.margin) > v.paired
