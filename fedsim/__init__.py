@@ -18,7 +18,14 @@ __version__ = "0.1.0"
 
 def load(config, overrides=()):
     """An `ExperimentConfig` from a path, a dict or a config, with `--set`-style overrides."""
-    from fedsim.config import ExperimentConfig, apply_overrides, load_config
+    from pathlib import Path
+
+    from fedsim.config import (
+        ExperimentConfig,
+        apply_overrides,
+        load_config,
+        resolve_paths,
+    )
 
     if isinstance(config, ExperimentConfig):
         config = config.model_dump(mode="json")
@@ -31,7 +38,8 @@ def load(config, overrides=()):
         from fedsim.errors import ConfigError
 
         try:
-            return ExperimentConfig.model_validate(apply_overrides(json.loads(json.dumps(config)), list(overrides)))
+            raw = apply_overrides(json.loads(json.dumps(config)), list(overrides))
+            return ExperimentConfig.model_validate(resolve_paths(raw, Path.cwd()))  # relative: to the working directory
         except ValidationError as exc:
             raise ConfigError(_format_validation_error(exc, "(dict)")) from None
     return load_config(config, list(overrides))

@@ -49,16 +49,20 @@ def cmd_data(args) -> int:
     import numpy as np
 
     from fedsim.config import load_config
-    from fedsim.data import build_store
+    from fedsim.data import build_store, report_notes
 
     cfg = load_config(args.config, args.overrides)
     store = build_store(cfg.data)
     sizes = np.asarray(store.example_counts())  # large stores count without generating any user's examples
     ps = (0, 10, 25, 50, 75, 90, 99, 100)
-    print(f"source: {cfg.data.source}\nusers: {store.num_users}\nexamples: {int(sizes.sum())}")
+    where = f" ({cfg.data.path})" if cfg.data.source == "files" else ""
+    print(f"source: {cfg.data.source}{where}\nusers: {store.num_users}\nexamples: {int(sizes.sum())}")
     print("examples per user quantiles: " + ", ".join(f"p{p}={v:g}" for p, v in zip(ps, np.percentile(sizes, ps))))
     if pub := store.public_examples():
-        print(f"public examples (pre-training): {len(pub)}")
+        print(f"public examples (pre-training): {len(pub)}" + (f" ({cfg.data.public_path})" if cfg.data.public_path
+                                                               else ""))
+    for line in report_notes(store.data_report()):  # what was left out or cut, and why
+        print(f"note: {line}")
     return 0
 
 

@@ -11,6 +11,7 @@ the allowed range.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedsim.errors import ConfigError
+
+#: json_schema_extra of a path-valued key: `load_config` makes it absolute (see `resolve_paths`)
+PATH = {"path": True}
 
 
 class _Strict(BaseModel):
@@ -32,11 +36,18 @@ class DataConfig(_Strict):
         "shakespeare", description="where users come from: the embedded Shakespeare plays, a file, or generated")
     public_plays: int = Field(5, ge=0, le=30, description="shakespeare: whole plays kept apart as public"
                               " (pre-training) data")
-    min_examples: int = Field(4, ge=1, description="users with fewer examples (train + test) are left out")
+    min_examples: int = Field(4, ge=1, description="users with fewer examples (train + test) are left out (and"
+                              " reported)")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="per-user held-out share of examples (the last ones)")
-    max_users: int | None = Field(None, ge=1, description="keep only the first N users (smoke tests; None: all)")
+    max_users: int | None = Field(None, ge=1, description="keep only the first N users, in user order, after"
+                                  " min_examples (smoke tests; None: all); the others are reported")
     seq_len: int = Field(64, ge=8, le=4096, description="tokens per example (longer speeches are truncated)")
-    path: str | None = Field(None, description="files: a JSONL / CSV / Parquet file")
+    path: str | None = Field(None, json_schema_extra=PATH, description="files: the users' JSONL / CSV / Parquet file"
+                             " (format by suffix: .jsonl .ndjson .json .csv .parquet .pq); relative: to the config"
+                             " file's directory")
+    public_path: str | None = Field(None, json_schema_extra=PATH, description="files: an optional JSONL / CSV /"
+                                    " Parquet file of public texts (its text_column) for model.pretrain, like"
+                                    " Shakespeare's public plays; relative: to the config file's directory")
     user_column: str = Field("user_id", description="files: the user-id column")
     text_column: str = Field("text", description="files: the text column")
     num_users: int = Field(1000, ge=1, description="synthetic: population size")
@@ -45,8 +56,8 @@ class DataConfig(_Strict):
                                           " test) instead of a power law")
     max_examples: int = Field(1000, ge=1, description="synthetic: cap on a user's power-law example count"
                               " (min_examples is the floor)")
-    max_example_bytes: int = Field(1 << 20, ge=1, description="files: longest text accepted per example, in UTF-8"
-                                   " bytes")
+    max_example_bytes: int = Field(1 << 20, ge=1, description="files: longest text accepted per example (and"
+                                   " public text), in UTF-8 bytes")
     long_examples: Literal["error", "truncate"] = Field(
         "error", description="files: a longer text is an error, or cut at max_example_bytes")
 
@@ -77,8 +88,8 @@ class ArchConfig(_Strict):
 class PretrainConfig(_Strict):
     """Public pre-training before the private fine-tuning."""
 
-    enabled: bool = Field(True, description="pre-train on the public plays first (cached), the paper's"
-                          " public/private setting")
+    enabled: bool = Field(True, description="pre-train on the public data first (cached): Shakespeare's public"
+                          " plays, or data.public_path; the paper's public/private setting")
     steps: int = Field(300, ge=0, description="optimizer steps of the public pre-training")
     batch_size: int = Field(32, ge=1, description="examples per pre-training step")
     lr: float = Field(3e-3, gt=0, description="Adam learning rate")
@@ -89,7 +100,8 @@ class ModelConfig(_Strict):
 
     source: Literal["config", "local"] = Field("config", description="config: GPT-2 style from `arch`, random"
                                                " init; local: a directory")
-    path: str | None = Field(None, description="local: a HF model directory (config.json + weights) or a GGUF's"
+    path: str | None = Field(None, json_schema_extra=PATH, description="local: a HF model directory (config.json +"
+                             " weights) or a GGUF's directory, or package:NAME; relative: to the config file's"
                              " directory")
     gguf_file: str | None = Field(None, description="local: the GGUF file name inside `path` (needs the `gguf`"
                                   " package)")
@@ -311,11 +323,13 @@ class ExperimentConfig(_Strict):
     sweep: SweepConfig = Field(SweepConfig(), description=SweepConfig.__doc__)
 
     @model_validator(mode="after")
-    def _check(self) -> "ExperimentConfig":
+    def _check(self) -> ExperimentConfig:
         if self.model.source == "local" and not self.model.path:
             raise ValueError("model.path is required when model.source is 'local'")
         if self.data.source == "files" and not self.data.path:
             raise ValueError("data.path is required when data.source is 'files'")
+        if self.data.public_path and self.data.source != "files":
+            raise ValueError(f"data.public_path is for data.source 'files' (data.source is {self.data.source!r})")
         if self.model.arch.n_embd % self.model.arch.n_head:
             raise ValueError("model.arch.n_embd must be divisible by model.arch.n_head")
         if self.uls.vectorise and self.uls.client_optimizer != "sgd":
@@ -369,26 +383,73 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def path_keys(model: type[BaseModel] | None = None, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The path-valued keys (fields marked `PATH`), e.g. ("data", "path")."""
+    out = []
+    for name, field in (model or ExperimentConfig).model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += path_keys(ann, (*prefix, name))
+        elif field.json_schema_extra == PATH:
+            out.append((*prefix, name))
+    return out
+
+
+def _absolute(value: str, base: Path) -> str:
+    if not value or value.startswith("package:"):  # a directory shipped by an installed package
+        return value
+    p = Path(value).expanduser()
+    return str(p) if p.is_absolute() else os.path.normpath(base.absolute() / p)
+
+
+def resolve_paths(raw: dict, base: str | Path) -> dict:
+    """Make every relative path of `raw` (a config's sections, as read from YAML) absolute against `base`: the
+    path-valued keys (`path_keys()`: data.path, data.public_path, model.path) and dp.lmo's {"search": file}.
+    Absolute paths (after `~` expansion), `package:NAME` and null are kept. Changes `raw` in place; returns it.
+    (run.output_dir is not a path to an input: it stays relative to the working directory.)"""
+    base = Path(base)
+    for key in path_keys():
+        node = raw
+        for part in key[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(key[-1]), str):
+            node[key[-1]] = _absolute(node[key[-1]], base)
+    dp = raw.get("dp")
+    lmo = dp.get("lmo") if isinstance(dp, dict) else None
+    if isinstance(lmo, dict) and isinstance(lmo.get("search"), str):
+        lmo["search"] = _absolute(lmo["search"], base)
+    return raw
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config file's sections, unvalidated, with its relative paths made absolute against the file's own
+    directory (a config and its data travel together)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path} is a directory, not a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    except yaml.YAMLError as exc:  # one line: the problem and where
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({where}{problem})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return resolve_paths(raw, p.parent)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    raw: dict = {}
-    source = "(defaults)"
-    if path is not None:
-        source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
-        except yaml.YAMLError as exc:  # one line: the problem and where
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"{path}: not valid YAML ({where}{problem})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    raw = apply_overrides(raw, list(overrides or []))
+    """The validated config of a YAML file (None: the defaults) with `--set` overrides. Relative paths in the
+    file are resolved against the file's directory, relative paths given in `overrides` against the working
+    directory (as typed on a command line): every path of the result is absolute (config.yaml records it)."""
+    raw = read_config_file(path) if path is not None else {}
+    source = str(path) if path is not None else "(defaults)"
+    raw = resolve_paths(apply_overrides(raw, list(overrides or [])), Path.cwd())
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:

@@ -163,7 +163,10 @@ def markdown() -> str:
            f"by `{DOCS_COMMAND}`: do not edit it by hand (a test compares",
            "the two). `fedsim config show [CONFIG] [--set key=value ...]` prints the same keys with",
            "a config's values. A key is a dotted path: its YAML section and what `--set` takes;",
-           "`null` is YAML's None. In a range, `[` and `]` include the bound, `(` and `)` exclude it."]
+           "`null` is YAML's None. In a range, `[` and `]` include the bound, `(` and `)` exclude it.",
+           "A relative path (data.path, data.public_path, model.path) is relative to the config file's",
+           "directory, or to the working directory when given with `--set`; run.output_dir is always",
+           "relative to the working directory. A run's config.yaml records the absolute paths."]
     for section in sections():
         out += ["", f"## `{section.path}`", "", section.meaning, "",
                 "| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]

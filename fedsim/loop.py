@@ -143,7 +143,7 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
 def prepare(cfg, method: str, say=print, plan=None, resume_dir: Path | None = None):
     """(store, task, plan): every input is checked, the model built and the plan made before any
     file is written or process started."""
-    from fedsim.data import build_store
+    from fedsim.data import build_store, report_notes
     from fedsim.models import build_task
     from fedsim.models.causal_lm import check_model_source
     from fedsim.simulate import check_devices
@@ -153,6 +153,8 @@ def prepare(cfg, method: str, say=print, plan=None, resume_dir: Path | None = No
 
         check_tensorboard()
     store = build_store(cfg.data)
+    for line in report_notes(store.data_report()):  # what the data lost on the way in, once at the start
+        say(f"note: {line}")
     check_model_source(cfg)
     check_devices(cfg)
     if resume_dir is not None:
@@ -164,6 +166,10 @@ def prepare(cfg, method: str, say=print, plan=None, resume_dir: Path | None = No
         from fedsim.plan import plan_els, plan_uls
 
         plan = plan_uls(cfg, store.num_users, task.flat.numel) if method == "ULS" else plan_els(cfg, store)
+    if plan.data_report is None:  # summary.json's data_report (plan.describe())
+        import dataclasses
+
+        plan = dataclasses.replace(plan, data_report=store.data_report())
     for w in plan.warnings:
         say(f"warning: {w}")
     return store, task, plan

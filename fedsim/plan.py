@@ -39,6 +39,8 @@ class Plan:
     example_user: np.ndarray | None = field(default=None, repr=False)  # ELS: owner of each kept example
     example_index: np.ndarray | None = field(default=None, repr=False)  # ELS: its index among the owner's
     group_epsilon: float | None = None  # ELS: the group-privacy bound at the same sigma and delta
+    # what the user store left out or changed (UserStore.data_report): a diagnostic, set by loop.prepare
+    data_report: dict | None = field(default=None, compare=False)
 
     @property
     def event(self) -> dp_event.DpEvent:
@@ -71,6 +73,8 @@ class Plan:
                "warnings": list(self.warnings)}
         if self.k is not None:
             out.update(k=self.k, num_examples=self.num_examples, group_privacy_epsilon=self.group_epsilon)
+        if self.data_report:
+            out["data_report"] = dict(self.data_report)
         return out
 
 
@@ -92,6 +96,48 @@ def resolve_delta(cfg, num_users: int) -> tuple[float, list[str]]:
     if delta >= 1.0 / num_users:
         warnings.append(f"dp.delta={delta:g} >= 1/users={1.0 / num_users:g}: a mechanism may then leak one user's data outright")
     return delta, warnings
+
+
+def untrained_base(cfg) -> tuple[str, str] | None:
+    """(why, what to set) when the model would start from a random initialisation: model.source: config
+    and no public pre-training (disabled, or no public data for it); else None. Mirrors `CausalLMTask`,
+    which pre-trains on `store.public_examples()`: the Shakespeare plays kept public, a files store's
+    data.public_path; the synthetic source has none."""
+    m, d = cfg.model, cfg.data
+    if m.source != "config":
+        return None
+    off = ("model.pretrain.enabled=false" if not m.pretrain.enabled
+           else "model.pretrain.steps=0" if m.pretrain.steps == 0 else None)
+    no_public = {
+        "shakespeare": None if d.public_plays else ("data.public_plays=0", "data.public_plays > 0"),
+        "files": None if d.public_path else ("data.source=files without data.public_path",
+                                             "data.public_path: a JSONL / CSV / Parquet file of public texts"),
+        "synthetic": ("data.source=synthetic has no public texts", "data.source: files with data.public_path"),
+    }[d.source]
+    if off is None and no_public is None:
+        return None
+    reasons = [r for r in (off, no_public and no_public[0]) if r]
+    fixes = (["model.pretrain.enabled: true, model.pretrain.steps > 0"] if off else []) + ([no_public[1]] if no_public
+                                                                                           else [])
+    return "; ".join(reasons), ", ".join(fixes)
+
+
+def config_warnings(cfg, private: bool = True) -> list[str]:
+    """Warnings about the config itself (printed as `warning: ...` and listed in summary.json)."""
+    out = []
+    if (why := untrained_base(cfg)) is not None:
+        reason, fix = why
+        what = ("LoRA adapts a frozen, randomly initialised base model, which cannot learn much" if cfg.model.lora.enabled
+                else "every weight trains from a random initialisation, which learns far less than fine-tuning a"
+                " pretrained model")
+        out.append(f"the model is not pretrained ({reason}): {what} (eval loss starts near ln 257 = 5.55 with"
+                   " the byte tokenizer); use a pretrained model (model.source: local, model.path: a Hugging Face"
+                   f" model directory) or public pre-training ({fix})")
+    if cfg.dp.reproducible and private:
+        out.append("dp.reproducible=true: the cohorts, ELS samples and noise are derived from run.seed, which"
+                   " config.yaml records, so the reported epsilon does not hold; for tests and debugging only,"
+                   " never for real data (set dp.reproducible: false)")
+    return out
 
 
 def sampling_rate(cfg, num_users: int) -> float:
@@ -228,6 +274,7 @@ def plan_uls(cfg, num_users: int, dimension: int | None = None) -> Plan:
     mech, accountant, opts, eps, target = _mechanism_for(
         cfg, clip=cfg.dp.clip_norm, q=q, steps=cfg.run.rounds, delta=delta, k=None, dimension=dimension,
         options={}, warnings=warnings)
+    warnings += config_warnings(cfg, private=math.isfinite(eps))
     return Plan("ULS", num_users, q, delta, cfg.run.rounds, mech, accountant, opts, target, eps,
                 cfg.uls.expected_cohort, tuple(warnings))
 
@@ -244,6 +291,7 @@ def plan_els(cfg, store, steps: int | None = None, group_bound: bool = True, dim
     mech, accountant, opts, eps, target = _mechanism_for(
         cfg, clip=clip, q=q, steps=steps, delta=delta, k=ec.k, dimension=dimension,
         options={"value_discretization_interval": ec.accounting_interval}, warnings=warnings)
+    warnings += config_warnings(cfg, private=math.isfinite(eps))
     group = mech.group_privacy_epsilon(ec.k, q, steps, delta) if group_bound and math.isfinite(eps) else None
     return Plan("ELS", store.num_users, q, delta, steps, mech, accountant, opts, target, eps, ec.expected_batch,
                 tuple(warnings), ec.k, users, index, group)

@@ -117,13 +117,14 @@ class Sweep:
             ExperimentConfig,
             _format_validation_error,
             apply_overrides,
+            resolve_paths,
         )
 
         raw = apply_overrides(json.loads(json.dumps(self.config)), [
             *self.overrides, *(f"{k}={json.dumps(v)}" for k, v in cell.items()),
             f"compare.methods={json.dumps(self.methods)}"])
-        try:
-            cfg = ExperimentConfig.model_validate(raw)
+        try:  # paths given by --set or the grid: relative to the working directory, as in load_config
+            cfg = ExperimentConfig.model_validate(resolve_paths(raw, Path.cwd()))
         except ValidationError as exc:
             raise ConfigError(_format_validation_error(exc, f"sweep cell {cell_name(cell)}")) from None
         run = {"seed": cfg.run.seed + seed, "checkpoint_every": cfg.run.checkpoint_every or 1}
@@ -325,9 +326,7 @@ def run_sweep(sweep: Sweep, jobs: int, say=print) -> list[dict]:
 def start_sweep(config_path: str, overrides: list[str], grid: dict[str, list], seeds: int, methods: list[str],
                 out: str | None) -> Sweep:
     """Check every cell's config, then create the sweep directory (never an existing one)."""
-    import yaml
-
-    from fedsim.config import load_config
+    from fedsim.config import load_config, read_config_file
     from fedsim.rundir import atomic_write_text, config_yaml, create_run_dir
 
     base = load_config(config_path, overrides)
@@ -336,7 +335,7 @@ def start_sweep(config_path: str, overrides: list[str], grid: dict[str, list], s
     unknown = [m for m in methods if m not in METHOD_LABELS]
     if unknown or not methods:
         raise ConfigError(f"--methods takes some of {', '.join(METHOD_LABELS)}; got {','.join(methods) or 'nothing'}")
-    raw = (yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}) if config_path else {}
+    raw = read_config_file(config_path) if config_path else {}  # its relative paths made absolute, as load_config
     sweep = Sweep(Path(out or "."), raw, overrides, grid, seeds, methods)
     for cell, seed, _ in sweep.jobs():  # a bad grid key or value fails here, before anything is written
         cfg = sweep.config_for(cell, seed)

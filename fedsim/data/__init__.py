@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from fedsim.data.base import UserStore
+from fedsim.data.base import UserStore, report_notes  # noqa: F401  (report_notes: the stores' note lines)
 from fedsim.errors import ConfigError
 
 
@@ -37,7 +37,7 @@ def build_store(cfg) -> UserStore:
         n = cfg.num_users if cfg.max_users is None else min(cfg.num_users, cfg.max_users)
         return SyntheticTokenStore(n, cfg.seed, seq_len=cfg.seq_len, test_fraction=cfg.test_fraction,
                                    min_examples=cfg.min_examples, max_examples=cfg.max_examples,
-                                   examples_per_user=cfg.examples_per_user)
+                                   examples_per_user=cfg.examples_per_user, population=cfg.num_users)
     if cfg.source == "files":
         from fedsim.data.files import FileUserStore
 
@@ -45,5 +45,5 @@ def build_store(cfg) -> UserStore:
             raise ConfigError("data.path is required when data.source is 'files'")
         return FileUserStore(cfg.path, cfg.user_column, cfg.text_column, cfg.test_fraction, cfg.min_examples,
                              max_users=cfg.max_users, max_example_bytes=cfg.max_example_bytes,
-                             long_examples=cfg.long_examples)
+                             long_examples=cfg.long_examples, public_path=cfg.public_path)
     raise ConfigError(f"data.source {cfg.source!r} is not available yet")

@@ -45,8 +45,48 @@ class UserStore(abc.ABC):
         """Public data (not owned by any user) for pre-training; may be empty."""
         return []
 
+    def data_report(self) -> dict:
+        """What the store left out or changed of its source, and why: counts under the keys `report_notes`
+        reads (users below min_examples, empty texts, truncated texts, users beyond max_users), plus the
+        users and examples kept. {} when the store knows of nothing left out. Counts of private data: a
+        simulation diagnostic, outside the guarantee (like N, which is treated as public)."""
+        return {}
+
     def _check_user(self, user: int) -> int:
         user = int(user)
         if not 0 <= user < self.num_users:
             raise IndexError(f"user {user} is outside 0..{self.num_users - 1}")
         return user
+
+
+def report_notes(report: dict) -> list[str]:
+    """One line per thing a store left out or changed (`UserStore.data_report`), for `note: ...` lines on
+    the console; [] when nothing was. A count the store does not know (a lazy population) is left out."""
+    def count(n, noun: str) -> str:
+        return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+    def examples(key: str) -> str:
+        return f" ({count(report[key], 'example')})" if report.get(key) is not None else ""
+
+    notes = []
+    if n := report.get("empty_texts_skipped"):
+        notes.append(f"{count(n, 'row')} with an empty or null text skipped")
+    if n := report.get("texts_truncated"):
+        notes.append(f"{count(n, 'text')} longer than data.max_example_bytes={report['max_example_bytes']:,} bytes"
+                     " cut to that length (data.long_examples=truncate)")
+    if n := report.get("users_below_min_examples"):
+        notes.append(f"{count(n, 'user')} with fewer than data.min_examples={report['min_examples']} examples left"
+                     f" out{examples('examples_below_min_examples')}")
+    if n := report.get("users_beyond_max_users"):
+        notes.append(f"data.max_users={report['max_users']:,}: {count(n, 'more user')} left"
+                     f" out{examples('examples_beyond_max_users')}")
+    pub = report.get("public") or {}
+    if n := pub.get("empty_texts_skipped"):
+        notes.append(f"data.public_path: {count(n, 'empty or null text')} skipped")
+    if n := pub.get("texts_truncated"):
+        notes.append(f"data.public_path: {count(n, 'text')} longer than data.max_example_bytes cut to that length")
+    if notes and report.get("users") is not None:
+        kept = f"{report['users']:,} users" + (f", {report['examples']:,} examples" if report.get("examples") is not None
+                                              else "")
+        notes.append(f"kept: {kept}")
+    return notes

@@ -28,6 +28,10 @@ Bad input raises `DataError` naming the file and the place (1-based): ``line N``
   cuts it at the limit (on a UTF-8 character boundary), counted in ``stats["truncated"]``;
 - users with fewer than ``min_examples`` examples are dropped, counted in ``stats["users_dropped"]`` /
   ``stats["rows_dropped"]``; no user left: error.
+
+The format is chosen by the file name's suffix (`FORMATS`). `data_report()` gives these counts (and the users
+beyond ``max_users``, applied after the index is built) for the console's ``note:`` lines and summary.json.
+``public_path``: an optional second file whose text column is public pre-training data (`read_public_texts`).
 """
 
 from __future__ import annotations
@@ -93,10 +97,10 @@ class FileUserStore(UserStore):
     def __init__(self, path: str | os.PathLike, user_column: str = "user_id", text_column: str = "text",
                  test_fraction: float = 0.2, min_examples: int = 1, *, max_users: int | None = None,
                  max_example_bytes: int = 1 << 20, long_examples: str = "error",
-                 cache_dir: str | os.PathLike | None = None, file_format: str | None = None):
+                 cache_dir: str | os.PathLike | None = None, file_format: str | None = None,
+                 public_path: str | os.PathLike | None = None):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(f"{self.path}: no such file")
+        self.format = check_data_file(self.path, "data.path", file_format)
         if long_examples not in ("error", "truncate"):
             raise ValueError(f"long_examples must be 'error' or 'truncate', got {long_examples!r}")
         if not 0 <= test_fraction < 1:
@@ -104,10 +108,11 @@ class FileUserStore(UserStore):
         self.user_column, self.text_column, self.long_examples = user_column, text_column, long_examples
         self.test_fraction, self.min_examples = float(test_fraction), max(1, int(min_examples))
         self.max_example_bytes = int(max_example_bytes)
-        self.format = file_format or FORMATS.get(self.path.suffix.lower())
-        if self.format not in ("jsonl", "csv", "parquet"):
-            raise DataError(f"{self.path}: unknown file type {self.path.suffix!r} "
-                            f"(use .jsonl, .csv or .parquet, or pass file_format)")
+        self.max_users = None if max_users is None else int(max_users)
+        self.public_path = None if public_path is None else Path(public_path)
+        if self.public_path is not None:
+            check_data_file(self.public_path, "data.public_path")
+        self._public: tuple[list[str], dict] | None = None
         st = self.path.stat()
         if st.st_size == 0:
             raise DataError(f"{self.path}: the file is empty")
@@ -437,6 +442,97 @@ class FileUserStore(UserStore):
 
     def user_name(self, user: int) -> str:
         return self._names[self._check_user(user)].as_py()
+
+    def public_examples(self) -> list[str]:
+        """The texts of `public_path` (read once, on first use), or [] without one."""
+        if self.public_path is None:
+            return []
+        if self._public is None:
+            self._public = read_public_texts(self.public_path, self.text_column, self.max_example_bytes,
+                                             self.long_examples)
+        return self._public[0]
+
+    def data_report(self) -> dict:
+        st, n_all = self.stats, len(self._offsets) - 1
+        beyond = int(self._offsets[n_all] - self._offsets[self._n])
+        out = {"source": "files", "path": str(self.path), "rows_read": st["rows_read"],
+               "empty_texts_skipped": st["empty_texts_skipped"], "texts_truncated": st["truncated"],
+               "max_example_bytes": self.max_example_bytes, "long_examples": self.long_examples,
+               "users_below_min_examples": st["users_dropped"], "examples_below_min_examples": st["rows_dropped"],
+               "min_examples": self.min_examples, "users_beyond_max_users": n_all - self._n,
+               "examples_beyond_max_users": beyond, "max_users": self.max_users,
+               "users": self._n, "examples": int(self._offsets[self._n])}
+        if self.public_path is not None:
+            self.public_examples()
+            out["public"] = {"path": str(self.public_path), **self._public[1]}
+        return out
+
+
+def check_data_file(path: Path, key: str, file_format: str | None = None) -> str:
+    """The format of a data file named by config key `key`, by its suffix (`FORMATS`) unless `file_format`
+    is given; a missing file, a directory or an unknown suffix is a `DataError` saying so."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file ({key} takes one JSONL / CSV / Parquet file)")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file ({key})")
+    fmt = file_format or FORMATS.get(path.suffix.lower())
+    if fmt not in ("jsonl", "csv", "parquet"):
+        raise DataError(f"{path}: unknown file type {path.suffix or '(no suffix)'!r}: the format is chosen by the"
+                        " file name's suffix: .jsonl, .ndjson or .json (JSON Lines: one object per line), .csv,"
+                        f" .parquet or .pq; rename the file ({key})")
+    return fmt
+
+
+def read_public_texts(path: Path, text_column: str = "text", max_example_bytes: int = 1 << 20,
+                      long_examples: str = "error") -> tuple[list[str], dict]:
+    """(texts, counts) of a public file's `text_column`, in file order, whole in memory (pre-training samples
+    batches from a list): an empty or null text is skipped, a longer one than `max_example_bytes` refused or
+    truncated (`long_examples`), as for the users' file. Counts: public_texts, empty_texts_skipped, truncated."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    fmt, where = check_data_file(path, "data.public_path"), f"{path} (data.public_path)"
+    try:
+        if fmt == "parquet":
+            values = pq.read_table(str(path), columns=[text_column]).column(text_column).to_pylist()
+        elif fmt == "csv":
+            values = pcsv.read_csv(str(path), convert_options=pcsv.ConvertOptions(
+                include_columns=[text_column], column_types={text_column: pa.string()})).column(text_column).to_pylist()
+        else:
+            values = []
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as exc:
+                        raise DataError(f"{where}: line {lineno}: malformed JSON ({exc})") from None
+                    if not isinstance(obj, dict) or text_column not in obj:
+                        raise DataError(f"{where}: line {lineno}: no text field {text_column!r}"
+                                        " (data.text_column names it)")
+                    values.append(obj[text_column])
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise DataError(f"{where}: cannot read the text column {text_column!r} (data.text_column):"
+                        f" {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    texts, counts = [], {"public_texts": 0, "empty_texts_skipped": 0, "texts_truncated": 0}
+    for i, t in enumerate(values, 1):
+        if t is not None and not isinstance(t, str):
+            raise DataError(f"{where}: text {i} is a {type(t).__name__}, not a string")
+        if not t:
+            counts["empty_texts_skipped"] += 1
+            continue
+        raw = t.encode("utf-8", "surrogatepass")
+        if len(raw) > max_example_bytes:
+            if long_examples == "error":
+                raise DataError(f"{where}: text {i} is {len(raw)} bytes, over max_example_bytes={max_example_bytes}"
+                                " (raise data.max_example_bytes or set data.long_examples=truncate)")
+            t, counts["texts_truncated"] = raw[:max_example_bytes].decode("utf-8", "ignore"), counts["texts_truncated"] + 1
+        texts.append(t)
+    if not texts:
+        raise DataError(f"{where}: no public texts (every {text_column!r} is empty)")
+    counts["public_texts"] = len(texts)
+    return texts, counts
 
 
 class _MappedIPC:

@@ -80,17 +80,22 @@ class ShakespeareStore(UserStore):
             for s in plays[p]:
                 users.setdefault((p, s.speaker), []).append(s.text)
         self._names, self._train, self._test = [], [], []
-        for key, ex in sorted(users.items()):
-            if len(ex) < min_examples:
-                continue
-            n_test = max(1, int(round(len(ex) * test_fraction)))
+        small = [ex for ex in users.values() if len(ex) < min_examples]
+        eligible = sorted((key, ex) for key, ex in users.items() if len(ex) >= min_examples)
+        kept = eligible if max_users is None else eligible[:max_users]
+        for key, ex in kept:
+            n_test = max(1, round(len(ex) * test_fraction))
             self._names.append(key)
             self._train.append(ex[:-n_test])
             self._test.append(ex[-n_test:])
-            if max_users is not None and len(self._names) >= max_users:
-                break
         if not self._names:
             raise DataError("no Shakespeare user has enough examples; lower data.min_examples")
+        self._report = {
+            "source": "shakespeare", "public_plays": len(self.public_play_names), "public_speeches": len(self._public),
+            "users_below_min_examples": len(small), "examples_below_min_examples": sum(map(len, small)),
+            "min_examples": min_examples, "users_beyond_max_users": len(eligible) - len(kept),
+            "examples_beyond_max_users": sum(len(ex) for _, ex in eligible[len(kept):]), "max_users": max_users,
+            "users": len(kept), "examples": sum(len(ex) for _, ex in kept)}
 
     @property
     def num_users(self) -> int:
@@ -107,3 +112,6 @@ class ShakespeareStore(UserStore):
 
     def public_examples(self) -> list[str]:
         return self._public
+
+    def data_report(self) -> dict:
+        return dict(self._report)

@@ -38,7 +38,7 @@ def split_test_count(n: int, test_fraction: float) -> int:
     n - 1 when n >= 2 (every user keeps a training example); 0 when n < 2 or f == 0."""
     if n < 2 or test_fraction <= 0:
         return 0
-    return min(n - 1, max(1, int(round(n * test_fraction))))
+    return min(n - 1, max(1, round(n * test_fraction)))
 
 
 def split_test_counts(n: np.ndarray, test_fraction: float) -> np.ndarray:
@@ -70,7 +70,7 @@ class SyntheticTokenStore(UserStore):
     def __init__(self, num_users: int, seed: int = 0, *, seq_len: int = 64, test_fraction: float = 0.2,
                  min_examples: int = 1, max_examples: int = 1000, alpha: float = 1.2,
                  examples_per_user: int | None = None, topics: int = 32, zipf_s: float = 1.1,
-                 public_examples: int = 0, cache_users: int = 4):
+                 public_examples: int = 0, cache_users: int = 4, population: int | None = None):
         for bad, message in (
                 (num_users < 1, f"num_users must be >= 1, got {num_users}"),
                 (seq_len < 1, f"seq_len must be >= 1, got {seq_len}"),
@@ -88,6 +88,7 @@ class SyntheticTokenStore(UserStore):
         self.min_examples, self.max_examples = int(min_examples), int(max_examples)
         self.examples_per_user = None if examples_per_user is None else int(examples_per_user)
         self.num_public, self._cache_size = int(public_examples), int(cache_users)
+        self.population = self._n if population is None else int(population)  # the configured users, >= num_users
         self._seed64 = self.seed & _MASK64
         self._key = _splitmix64(np.array([self._seed64], dtype=np.uint64))[0]
         # the only population-independent state: a seeded vocabulary and its Zipf weights
@@ -189,6 +190,14 @@ class SyntheticTokenStore(UserStore):
         mixing weight of the user-specific part."""
         _, topic_ids, weights, lam = self._mixture(self._check_user(user))
         return {"topic_words": self._words[topic_ids].tolist(), "weights": weights.tolist(), "lam": lam}
+
+    def data_report(self) -> dict:
+        """Users beyond max_users, counted without generating them (their examples are not counted: that would
+        visit every one of a large population). No user is below min_examples: it is the power law's floor."""
+        if self.population <= self._n:
+            return {}
+        return {"source": "synthetic", "users_beyond_max_users": self.population - self._n, "max_users": self._n,
+                "users": self._n}
 
     def public_examples(self) -> list[str]:
         return self._sample_examples(np.random.default_rng([self._seed64, 0xB0B11C]), self.num_public)
