@@ -95,22 +95,31 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in external:
         import importlib
 
-        return _guard(lambda: importlib.import_module(external[argv[0]]).main(argv[1:]))
+        # `fedsim compare` stops after a round/step on Ctrl-C; `fedsim sweep` keeps its own handling
+        return _guard(lambda: importlib.import_module(external[argv[0]]).main(argv[1:]),
+                      stop_between_rounds=argv[0] == "compare")
     args = parser.parse_args(argv)
-    return _guard(lambda: {"run": cmd_run, "data": cmd_data}[args.command](args))
+    return _guard(lambda: {"run": cmd_run, "data": cmd_data}[args.command](args), stop_between_rounds=args.command == "run")
 
 
-def _guard(fn) -> int:
+def _guard(fn, stop_between_rounds: bool = False) -> int:
+    """`fn()`'s exit code; a FedsimError is one `error:` line (2), an interruption one line (130).
+    `stop_between_rounds`: SIGINT/SIGTERM stop a training loop after its round/step, resumably
+    (fedsim/interrupt.py)."""
+    import contextlib
+
+    from fedsim import interrupt
     from fedsim.errors import FedsimError
 
     try:
-        return int(fn() or 0)
+        with interrupt.handling() if stop_between_rounds else contextlib.nullcontext():
+            return int(fn() or 0)
     except FedsimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # RunInterrupted: after a round/step; otherwise during set-up
+        print(interrupt.message(exc), file=sys.stderr)
+        return interrupt.EXIT_CODE
 
 
 if __name__ == "__main__":

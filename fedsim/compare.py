@@ -132,6 +132,7 @@ def run_compare(cfg, say=print, resume_dir: Path | None = None, out_dir: Path | 
     config.yaml is `cfg`); a finished method is kept, an interrupted one resumes from its
     checkpoint, one not yet started runs. `out_dir`: create exactly this directory (a sweep's
     cell) instead of <run.output_dir>/<compare.name>."""
+    from fedsim import interrupt
     from fedsim.data import build_store
     from fedsim.loop import run
     from fedsim.models import build_task
@@ -180,16 +181,18 @@ def run_compare(cfg, say=print, resume_dir: Path | None = None, out_dir: Path | 
     cfgs = {"uls": uls_cfg, "els": els_cfg, "non-private": ref_cfg}
     els_every = max(1, round(cp.els_steps * cfg.run.eval_every / cp.uls_rounds))  # evaluations at the same compute fractions
     summaries, dirs = {}, {}
-    for name in ("uls", "els", "non-private"):  # ULS (Flower), ELS (centralized), then the reference
-        if name not in methods:
-            continue
-        _, key, sub = ROWS[name]
-        c = _with(cfgs[name], "run", output_dir=str(out))
-        method = plans[name].method
-        every = els_every if method == "ELS" else None
-        dirs[key], summaries[key] = _run_or_resume(
-            out / sub, resume_dir is not None,
-            lambda c=c, method=method, plan=plans[name], every=every: run(c, method, say, plan=plan, eval_every=every), say)
+    with interrupt.resumable(f"fedsim compare --resume {out}"):  # Ctrl-C: resumed as a comparison
+        for name in ("uls", "els", "non-private"):  # ULS (Flower), ELS (centralized), then the reference
+            if name not in methods:
+                continue
+            _, key, sub = ROWS[name]
+            c = _with(cfgs[name], "run", output_dir=str(out))
+            method = plans[name].method
+            every = els_every if method == "ELS" else None
+            dirs[key], summaries[key] = _run_or_resume(
+                out / sub, resume_dir is not None,
+                lambda c=c, method=method, plan=plans[name], every=every: run(c, method, say, plan=plan, eval_every=every),
+                say)
     # results: compare.json, plot, table
     curves = {ROWS[n][0]: _curve(dirs[ROWS[n][1]]) for n in methods}
     plot_curves(out / "compare.png", curves, f"epsilon={cfg.dp.epsilon}, delta={plans[methods[0]].delta:.3g},"
@@ -243,4 +246,3 @@ def main(argv: list[str]) -> int:
         if not str(s.get("stop_reason", "")).startswith("completed"):
             print(f"note ({s['method']}): {s['stop_reason']}")
     return 0
-

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from fedsim import interrupt
 from fedsim.errors import BudgetExceededError, FedsimError
 
 
@@ -40,9 +41,10 @@ def train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, s
         from fedsim.tensorboard_log import TensorBoardScalars
 
         scalars = TensorBoardScalars(run_dir, method.key)
-    try:
-        return _train(cfg, plan, task, evalset, method, run_dir, randomness, say, resume, eval_every,
-                      RunWriter(run_dir, scalars))
+    try:  # a first SIGINT/SIGTERM now stops after the round/step (fedsim/interrupt.py)
+        with interrupt.resumable(f"fedsim run --resume {run_dir}"), interrupt.deferred():
+            return _train(cfg, plan, task, evalset, method, run_dir, randomness, say, resume, eval_every,
+                          RunWriter(run_dir, scalars))
     finally:
         if scalars is not None:
             scalars.close()
@@ -50,7 +52,7 @@ def train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, s
 
 def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, say, resume: bool,
            eval_every: int | None, writer) -> dict:
-    from fedsim.checkpoint import checkpoint_if_due, load_checkpoint
+    from fedsim.checkpoint import checkpoint_if_due, load_checkpoint, save_checkpoint
     from fedsim.privacy.budget import PrivacyBudget
     from fedsim.privacy.ledger import PrivacyLedger
     from fedsim.privacy.release import Release, kill_after_recording
@@ -85,15 +87,29 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
         writer.append_metrics({method.key: 0, "compute": 0, "eval_loss": before["loss"],
                                "eval_perplexity": before["perplexity"], "epsilon": 0.0})
     opt = ServerOptimizer(task.flat.get(), *method.optimizer)
+
+    def checkpoint(step: int, always: bool = False) -> int | None:
+        """A checkpoint at `step` if run.checkpoint_every divides it (or `always`); the step written or None."""
+        state = {"weights": task.flat.get(), "optimizer_state": opt.state_dict(),
+                 "extra": {"method": method.name, "compute": compute, "eval_every": eval_every},
+                 "rng_states": {"torch": torch.get_rng_state()}}
+        if always:
+            save_checkpoint(run_dir, step=step, **state)
+            return step
+        return step if checkpoint_if_due(cfg, run_dir, step, **state) else None
+
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer_state"])
+        saved = ckpt["step"]
     else:  # a checkpoint before the first release: a run interrupted in its first round/step resumes too
-        checkpoint_if_due(cfg, run_dir, 0, weights=task.flat.get(), optimizer_state=opt.state_dict(),
-                          extra={"method": method.name, "compute": 0, "eval_every": eval_every},
-                          rng_states={"torch": torch.get_rng_state()})
+        saved = checkpoint(0)
     stop_reason, done, after = f"completed planned {method.key}s", start - 1, before
     with RoundProgress(plan.steps, label=f"{method.name} {method.key}s", enabled=not cfg.simulation.verbose) as bar:
         for step in range(start, plan.steps + 1):
+            if interrupt.requested():  # Ctrl-C / SIGTERM: stop between rounds/steps, resumably
+                if saved != done:  # a checkpoint at the stop, whatever run.checkpoint_every says
+                    saved = checkpoint(done, always=True)
+                raise interrupt.RunInterrupted(method.key, done)
             t0 = time.time()
             try:
                 eps = release.guard(step)  # never start a release that would overspend
@@ -118,9 +134,7 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
             row["time"] = time.time() - t0
             writer.append_metrics(row)
             done = step
-            checkpoint_if_due(cfg, run_dir, step, weights=task.flat.get(), optimizer_state=opt.state_dict(),
-                              extra={"method": method.name, "compute": compute, "eval_every": eval_every},
-                              rng_states={"torch": torch.get_rng_state()})
+            saved = checkpoint(step) or saved
             bar.update(step, eps, row.get("eval_loss"))
     if done and (done != plan.steps or after is before):
         after = task.evaluate(evalset)

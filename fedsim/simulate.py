@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -93,22 +94,43 @@ def run_flower(cfg, plan, task, evalset, run_dir: Path, randomness, say=print, r
     from flwr.simulation import run_simulation
 
     from clients.client_app import make_client_app
+    from fedsim import interrupt
     from server.server_app import make_server_app
 
     outcome: dict = {}
     backend_config = ray_backend_config(cfg)
     cluster = None
+
+    def simulate() -> None:
+        try:
+            with replacing_dead_ray_actors():
+                run_simulation(server_app=make_server_app(outcome, *args, say=print, resume=resume),
+                               client_app=make_client_app(cfg), num_supernodes=nodes, backend_config=backend_config,
+                               verbose_logging=cfg.simulation.verbose)
+        except BaseException as exc:  # noqa: BLE001 -- surfaced below, in the calling thread
+            outcome.setdefault("error", exc)
+
     try:
-        if cfg.simulation.ray_address:  # join the cluster first: Flower's backend then reuses this connection
-            cluster = connect_ray_cluster(cfg)
+        # Ray starts here, in the calling thread, as Flower's backend would (it then reuses this
+        # connection); `ray.init` would replace a SIGTERM handler fedsim/interrupt.py installed
+        with interrupt.keeping_handlers():
+            if cfg.simulation.ray_address:
+                cluster = connect_ray_cluster(cfg)
+            else:
+                init_ray(cfg)
+        if cluster is not None:
             if cfg.uls.users_per_client > 1 and not cfg.simulation.num_workers:
                 nodes = cluster["actors"]  # one cohort worker per actor slot of the whole cluster
             say(f"Ray cluster {cluster['address']}: {cluster['nodes']} node(s), {cluster['cpus']:g} CPUs,"
                 f" {cluster['gpus']:g} GPUs, {cluster['actors']} actor slot(s) of {backend_config['client_resources']}")
-        with replacing_dead_ray_actors():
-            run_simulation(server_app=make_server_app(outcome, *args, say=print, resume=resume),
-                           client_app=make_client_app(cfg), num_supernodes=nodes, backend_config=backend_config,
-                           verbose_logging=cfg.simulation.verbose)
+        # Flower's engine blocks its caller in an unbounded join of its worker threads while the
+        # ServerApp (the loop) runs in a thread of its own. Run it in a thread too, and keep this
+        # one free to take Ctrl-C: a stop request ends the loop after its round; the ServerApp's
+        # end stops the engine, which stops the actors and Ray (fedsim/interrupt.py).
+        engine = threading.Thread(target=simulate, name="fedsim-flower-simulation", daemon=True)
+        with interrupt.deferred():
+            engine.start()
+            interrupt.wait_for(engine)
     finally:
         _shutdown_ray()  # with a cluster address this only disconnects: the cluster keeps running
     if "error" in outcome:
@@ -151,28 +173,37 @@ def ray_backend_config(cfg) -> dict:
             "init_args": init_args}
 
 
-def connect_ray_cluster(cfg) -> dict:
-    """ray.init(address=simulation.ray_address) the way Flower's backend would (same
-    PYTHONPATH handed to the workers), and describe the cluster: address, live nodes, CPUs,
-    GPUs and how many actors of the configured resources fit (Flower's own count)."""
+def init_ray(cfg) -> None:
+    """ray.init (a local Ray, or the cluster at simulation.ray_address) the way Flower's Ray
+    backend would: the same init args, and this process's PYTHONPATH handed to the workers.
+    Flower's backend then reuses the connection."""
     import sys
 
     import ray
-    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
-    address = cfg.simulation.ray_address
-    args = ray_backend_config(cfg)
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
     if not ray.is_initialized():
-        try:
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
-                     **args["init_args"])
-        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-            raise FedsimError(f"cannot join the Ray cluster at simulation.ray_address={address}: "
-                              f"{type(exc).__name__}: {exc}") from None
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
+                 **ray_backend_config(cfg)["init_args"])
+
+
+def connect_ray_cluster(cfg) -> dict:
+    """ray.init(address=simulation.ray_address) the way Flower's backend would (same
+    PYTHONPATH handed to the workers), and describe the cluster: address, live nodes, CPUs,
+    GPUs and how many actors of the configured resources fit (Flower's own count)."""
+    import ray
+    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+    address = cfg.simulation.ray_address
+    args = ray_backend_config(cfg)
+    try:
+        init_ray(cfg)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        raise FedsimError(f"cannot join the Ray cluster at simulation.ray_address={address}: "
+                          f"{type(exc).__name__}: {exc}") from None
     alive = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
     res = ray.cluster_resources()
     resources = args["client_resources"]
