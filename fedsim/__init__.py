@@ -57,7 +57,7 @@ def run(config, method: str = "uls", overrides=(), say=print) -> dict:
 def compare(config, overrides=(), say=print) -> dict:
     """`fedsim compare CONFIG`: ULS, ELS and the non-private reference; returns compare.json's
     content with `dir` added."""
-    from fedsim.compare import run_compare
+    from fedsim.comparison import run_compare
 
     out, result = run_compare(load(config, overrides), say)
     return {**result, "dir": str(out)}
@@ -68,7 +68,7 @@ def sweep(config, grid: dict | None = None, seeds: int | None = None, methods=No
     """`fedsim sweep CONFIG`: every cell of `grid` (default: the config's sweep.grid) x seeds;
     returns the rows of results.json (one per run). `config` must be a YAML path: the sweep
     directory records it so that `fedsim sweep --resume` can rebuild every cell."""
-    from fedsim.sweep import cells, default_jobs, run_sweep, start_sweep
+    from fedsim.sweeps import cells, default_jobs, run_sweep, start_sweep
 
     base = load(config, overrides)
     grid = {k: list(v) for k, v in (grid if grid is not None else base.sweep.grid).items()}

@@ -36,7 +36,7 @@ def cmd_run(args) -> int:
         run_dir, summary = resume(args.resume)
     else:
         run_dir, summary = run(load_config(args.config, args.overrides), args.method)
-    from fedsim.compare import print_results
+    from fedsim.comparison import print_results
 
     print_results([(summary["method"], summary)])
     print(f"run directory: {run_dir}")
@@ -69,6 +69,9 @@ def cmd_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = ArgumentParser(prog="fedsim", description="Federated fine-tuning with user-level DP: ULS vs ELS.")
+    from fedsim import __version__
+
+    parser.add_argument("--version", action="version", version=f"fedsim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run an experiment (ULS on Flower)")
     _add_config_args(p_run)
@@ -89,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                    add_help=False)
 
     # subcommands with their own parsers take the rest of the line
-    external = {"account": "fedsim.account", "lmo-search": "fedsim.lmo_search", "compare": "fedsim.compare",
-                "report": "fedsim.report", "sweep": "fedsim.sweep"}
+    external = {"account": "fedsim.account", "lmo-search": "fedsim.lmo_search", "compare": "fedsim.comparison",
+                "report": "fedsim.report", "sweep": "fedsim.sweeps"}
     external["config"] = "fedsim.config_reference"
     if argv and argv[0] in external:
         import importlib

@@ -51,7 +51,8 @@ class DataConfig(_Strict):
     user_column: str = Field("user_id", description="files: the user-id column")
     text_column: str = Field("text", description="files: the text column")
     num_users: int = Field(1000, ge=1, description="synthetic: population size")
-    seed: int = Field(0, description="data split / synthetic generation seed")
+    seed: int = Field(0, description="data split, evaluation subset and synthetic generation seed (a sweep's"
+                      " seeds vary run.seed only, so every seed is evaluated on the same examples)")
     examples_per_user: int | None = Field(None, ge=1, description="synthetic: every user holds this many (train +"
                                           " test) instead of a power law")
     max_examples: int = Field(1000, ge=1, description="synthetic: cap on a user's power-law example count"
@@ -93,6 +94,9 @@ class PretrainConfig(_Strict):
     steps: int = Field(300, ge=0, description="optimizer steps of the public pre-training")
     batch_size: int = Field(32, ge=1, description="examples per pre-training step")
     lr: float = Field(3e-3, gt=0, description="Adam learning rate")
+    # not run.seed: a sweep's seeds vary the private training (LoRA init, batches, noise), and all of
+    # them fine-tune the same public checkpoint, as the paper's runs do
+    seed: int = Field(0, description="seed of the public pre-training (the base model's init and its batches)")
 
 
 class ModelConfig(_Strict):
@@ -287,8 +291,8 @@ class RunConfig(_Strict):
     seed: int = Field(0, description="public randomness: model init, data split, ELS example cap, local batch"
                       " order, dropout")
     eval_every: int = Field(5, ge=1, description="rounds between evaluations (and at the end)")
-    eval_examples: int = Field(512, ge=1, description="held-out examples used for evaluation (fixed seeded"
-                               " subset)")
+    eval_examples: int = Field(512, ge=1, description="held-out examples used for evaluation (a subset fixed by"
+                               " data.seed)")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="torch device of the models (auto: CUDA"
                                                    " where the process has it)")
     # on by default: a checkpoint costs ~0.1% of a default ULS round (bench/checkpoint_overhead.py)

@@ -104,6 +104,7 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
     else:  # a checkpoint before the first release: a run interrupted in its first round/step resumes too
         saved = checkpoint(0)
     stop_reason, done, after = f"completed planned {method.key}s", start - 1, before
+    diverged = None  # a warning, once
     with RoundProgress(plan.steps, label=f"{method.name} {method.key}s", enabled=not cfg.simulation.verbose) as bar:
         for step in range(start, plan.steps + 1):
             if interrupt.requested():  # Ctrl-C / SIGTERM: stop between rounds/steps, resumably
@@ -135,7 +136,11 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
             writer.append_metrics(row)
             done = step
             saved = checkpoint(step) or saved
-            bar.update(step, eps, row.get("eval_loss"))
+            bar.update(step, eps, row.get("eval_loss"), row["time"])
+            if "eval_loss" in row and not diverged and _diverged(before["loss"], row["eval_loss"]):
+                diverged = (f"eval loss diverged: {row['eval_loss']:.4g} after {method.key} {step}"
+                            f" ({before['loss']:.4g} before training); lower the learning rates or the clip norm")
+                say(f"warning: {diverged}")
     if done and (done != plan.steps or after is before):
         after = task.evaluate(evalset)
     writer.save_weights(task.flat.state_dict(), metadata={"format": "fedsim trainable weights", "steps": str(done)})
@@ -146,7 +151,9 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
         "eval_loss_before": before["loss"], "eval_perplexity_before": before["perplexity"],
         "eval_loss_after": after["loss"], "eval_perplexity_after": after["perplexity"],
         "compute_examples": compute, "trainable_weights": task.flat.numel, "wall_time_s": wall,
-        "time_per_step_s": wall / max(done, 1), **method.summary(ledger, plan, done)}
+        "time_per_step_s": wall / max(done, 1), **method.summary(ledger, plan, done),
+        "eval_set": "held-out examples of the training users (a simulation diagnostic)",
+        "warnings": list(plan.warnings) + ([diverged] if diverged else [])}
     writer.write_json("summary.json", summary)
     return summary
 
@@ -207,7 +214,7 @@ def run(cfg, method: str = "ULS", say=print, *, plan=None, run_dir: Path | None 
     store, task, plan = prepare(cfg, method, say, plan, run_dir if resume else None)
     run_dir = Path(run_dir) if run_dir is not None else create_run_dir(cfg)
     say(f"run directory: {run_dir}")
-    evalset = eval_examples(store, cfg.run.eval_examples, cfg.run.seed)
+    evalset = eval_examples(store, cfg.run.eval_examples, cfg.data.seed)
     # every secret draw (sample, noise) of this process: a fresh OS-entropy key unless reproducible
     randomness = SecretRandomness.for_run(cfg.dp.reproducible, cfg.run.seed)
     say(f"{method}: {plan.num_users} users, q={plan.q:.4g}, {plan.denominator_name.replace('_', ' ')}"
@@ -249,3 +256,10 @@ def run_uls(cfg, say=print, **options) -> tuple[Path, dict]:  # DP-FedAvg on Flo
 
 def run_els(cfg, say=print, **options) -> tuple[Path, dict]:  # the centralized ELS baseline
     return run(cfg, "ELS", say, **options)
+
+
+def _diverged(before: float, loss: float) -> bool:
+    """Non-finite, or 50% (and at least 0.5 nats) above the loss before training."""
+    import math
+
+    return not math.isfinite(loss) or loss > before + max(0.5, 0.5 * abs(before))

@@ -6,19 +6,18 @@ import sys
 
 
 class RoundProgress:
+    """A rich bar on a terminal; without one (a pipe, a file, a notebook), plain lines: every
+    round/step when there are at most 50, else every 5% and at each evaluation."""
+
     def __init__(self, total: int, label: str = "rounds", enabled: bool = True):
         self.total, self.label = total, label
-        self.enabled = enabled and sys.stderr.isatty()
+        self.bar = enabled and sys.stderr.isatty()
+        self.lines = enabled and not self.bar
         self._p = None
 
     def __enter__(self):
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+        if self.bar:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._p = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                TextColumn("eps {task.fields[eps]}"), TextColumn("loss {task.fields[loss]}"),
@@ -27,10 +26,15 @@ class RoundProgress:
             self._task = self._p.add_task(self.label, total=self.total, eps="-", loss="-")
         return self
 
-    def update(self, done: int, eps: float, loss: float | None = None) -> None:
+    def update(self, done: int, eps: float, loss: float | None = None, seconds: float | None = None) -> None:
         if self._p is not None:
             self._p.update(self._task, completed=done, eps=f"{eps:.3g}",
                            loss=f"{loss:.4f}" if loss is not None else "-")
+        elif self.lines and (self.total <= 50 or loss is not None or done == self.total
+                             or done % max(1, self.total // 20) == 0):
+            print(f"{self.label[:-1]} {done}/{self.total}: epsilon {eps:.4g}"
+                  + (f", eval loss {loss:.4f}" if loss is not None else "")
+                  + (f", {seconds:.2f} s" if seconds is not None else ""), flush=True)
 
     def __exit__(self, *exc):
         if self._p is not None:

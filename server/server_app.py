@@ -54,7 +54,7 @@ def _app_from_run_config() -> ServerApp:
         cfg = config_from_context(context)
         store, task, plan = prepare(cfg, "ULS")
         randomness = SecretRandomness.for_run(cfg.dp.reproducible, cfg.run.seed)
-        run_server(grid, cfg, plan, task, eval_examples(store, cfg.run.eval_examples, cfg.run.seed),
+        run_server(grid, cfg, plan, task, eval_examples(store, cfg.run.eval_examples, cfg.data.seed),
                    create_run_dir(cfg), randomness)
 
     return app

@@ -192,7 +192,7 @@ def test_els_run_handles_empty_batches_and_stops_at_the_budget(tmp_path):
 
 
 def test_tiny_compare_writes_both_results(tmp_path):
-    from fedsim.compare import run_compare
+    from fedsim.comparison import run_compare
     from fedsim.config import load_config
 
     cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", *FAST])

@@ -278,7 +278,7 @@ def test_a_compare_directorys_els_run_resumes_with_fedsim_run(tmp_path):
     runs/compare/els` rebuilds the same plan (steps, sigma, eval cadence) and finishes it."""
     import shutil
 
-    from fedsim.compare import run_compare
+    from fedsim.comparison import run_compare
     from fedsim.cli import main
 
     cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "els.k=4", "els.accounting_interval=0.1",
@@ -309,7 +309,7 @@ def test_compare_killed_in_uls_then_in_els_resumes_to_the_uninterrupted_result(t
     overrides = ["els.k=2", "els.expected_batch=8", "run.checkpoint_every=1",
                  "els.accounting_interval=0.1",  # quick calibrations
                  "compare.methods=[uls,els]"]  # the crash fault would stop a fresh reference run as well
-    ref_out, ref = __import__("fedsim.compare", fromlist=["run_compare"]).run_compare(
+    ref_out, ref = __import__("fedsim.comparison", fromlist=["run_compare"]).run_compare(
         load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path / 'ref'}", *overrides]), say=lambda *_: None)
     crash = [f"run.output_dir={tmp_path / 'crash'}", *overrides, "simulation.faults.server_crash_round=2"]
     code = ("import sys; sys.path.insert(0, '.'); from fedsim.cli import main;"

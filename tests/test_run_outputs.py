@@ -121,3 +121,38 @@ def test_docs_metrics_md_documents_every_field_of_a_run(runs):
             keys = set().union(*(_keys(row) for row in rows))
             missing = sorted(k for k in keys if f"`{k}`" not in doc[name])
             assert not missing, f"docs/metrics.md, section {name}, does not document {missing}"
+
+
+def _documented_files() -> set[str]:
+    """The names in docs/metrics.md's `## Files` table (`a`, `b` in one cell count separately)."""
+    text = (ROOT / "docs" / "metrics.md").read_text(encoding="utf-8")
+    table = text.split("## Files", 1)[1].split("\n## ", 1)[0]
+    return {m for row in table.splitlines() if row.startswith("| `") for m in re.findall(r"`([^`]+)`", row.split("|")[1])}
+
+
+def _pattern(name: str) -> str:
+    """A file name as the table writes it: numbers become <N>, a sweep cell <cell>, seeds <s>."""
+    name = re.sub(r"^checkpoint-r\d+", "checkpoint-r<N>", name)
+    return re.sub(r"^seed-\d+", "seed-<s>", name)
+
+
+def test_docs_metrics_md_lists_every_file_a_run_comparison_and_sweep_writes(runs, tmp_path):
+    from fedsim.comparison import run_compare
+
+    documented = _documented_files()
+    out, _ = run_compare(load_config(SMOKE, [f"run.output_dir={tmp_path}", "els.k=2", "els.expected_batch=8",
+                                             "els.accounting_interval=0.1", "run.tensorboard=true"]), say=_quiet)
+    names = set()
+    for d in (*runs.values(), out, *(p for p in out.iterdir() if p.is_dir())):
+        names |= {_pattern(p.name) + ("/" if p.is_dir() else "") for p in d.iterdir()}
+    sweep = {"sweep.json", "results.json", "results.csv", "results.parquet", "cells/<cell>/seed-<s>/",
+             "cells/<cell>/seed-<s>.log", "report/"}
+    from fedsim import sweeps as sweep_module
+
+    assert {"sweep.json", "results.json", "results.csv", "results.parquet"} <= set(re.findall(
+        r'"([a-z]+\.(?:json|csv|parquet))"', Path(sweep_module.__file__).read_text()))  # the names the code writes
+    missing = sorted(n for n in names | sweep if n not in documented)
+    assert not missing, f"docs/metrics.md's Files table does not list {missing}"
+    plan = json.loads((runs["step"] / "plan.json").read_text())
+    doc = _doc_sections()["summary.json"]
+    assert not [k for k in plan if f"`{k}`" not in doc], "plan.json's fields are summary.json's"

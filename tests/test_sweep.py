@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from fedsim.config import load_config
-from fedsim.sweep import COLUMNS, cell_name, cells, parse_grid
+from fedsim.sweeps import COLUMNS, cell_name, cells, parse_grid
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 FAST = ["els.k=2", "els.expected_batch=8", "els.accounting_interval=0.1"]  # quick ELS calibrations
@@ -115,7 +115,7 @@ def test_bad_sweeps_are_one_line_errors_and_write_nothing(tmp_path, capsys, args
 
 
 def test_compare_has_a_non_private_row_and_its_table_fits_80_columns(tmp_path, capsys):
-    from fedsim.compare import run_compare
+    from fedsim.comparison import run_compare
 
     cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", *FAST])
     out, result = run_compare(cfg, say=lambda *_: None)
@@ -149,6 +149,10 @@ def test_the_python_api_returns_what_the_cli_writes(tmp_path):
     assert json.loads(json.dumps(_jsonable({k: v for k, v in api.items() if k not in volatile}))) == \
            {k: v for k, v in cli.items() if k not in volatile}
     assert fedsim.load({"run": {"rounds": 2}}).run.rounds == 2
+    import fedsim.comparison  # noqa: F401 - importing the modules must not shadow the API's functions
+    import fedsim.sweeps  # noqa: F401
+
+    assert all(callable(getattr(fedsim, name)) for name in ("run", "compare", "sweep", "load"))
 
 
 @pytest.mark.parametrize("command", ["run", "data", "account", "lmo-search", "compare", "sweep", "report", "config"])
@@ -171,3 +175,15 @@ def test_account_table_fits_80_columns_without_cutting_a_number(capsys):
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out
     assert any(line.startswith("pld") for line in out.splitlines())
+
+
+def test_unmatched_compute_is_a_console_and_summary_warning(tmp_path, capsys):
+    from fedsim.comparison import run_compare
+
+    cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "els.k=4", "els.expected_batch=64",
+                                             "els.accounting_interval=0.1", "compare.methods=[uls,els]"])
+    out, result = run_compare(cfg)  # budget 94: ULS 3 rounds, ~95 example gradients; ELS 1 step of 64
+    console = capsys.readouterr().out
+    assert "warning: unmatched compute" in console
+    for m in ("uls", "els"):
+        assert any(w.startswith("unmatched compute") for w in result[m]["warnings"])

@@ -152,7 +152,7 @@ def encode_lm_batch(tokenizer, texts, seq_len: int, device) -> dict[str, torch.T
 def pretrain_on_public(model, tokenizer, texts, cfg, device, log=print) -> None:
     """Adam on random batches of public text (non-private: the data is public)."""
     pc = cfg.model.pretrain
-    gen = torch.Generator().manual_seed(cfg.run.seed)
+    gen = torch.Generator().manual_seed(pc.seed)
     # the server pre-trains before any client works: use every core, then restore
     threads = torch.get_num_threads()
     torch.set_num_threads(max(threads, os.cpu_count() or 1))
@@ -187,11 +187,12 @@ class CausalLMTask:
         else:
             self.tokenizer = ByteTokenizer()
             vocab = max(self.tokenizer.vocab_size, mc.arch.vocab_size or 0)
-            model = _gpt2_from_arch(mc.arch, self.seq_len, vocab, cfg.run.seed)
-            if mc.pretrain.enabled and mc.pretrain.steps > 0:
-                public = list(store.public_examples()) if store is not None else []
-                if public:
-                    self._load_or_pretrain(model, public, log)
+            pretrain = mc.pretrain.enabled and mc.pretrain.steps > 0
+            public = list(store.public_examples()) if pretrain and store is not None else []
+            # a pre-trained base model is the same for every run.seed; a bare one is a run's own init
+            model = _gpt2_from_arch(mc.arch, self.seq_len, vocab, mc.pretrain.seed if public else cfg.run.seed)
+            if public:
+                self._load_or_pretrain(model, public, log)
         model.to(self.device)
         if mc.lora.enabled:
             model = self._add_lora(model)
@@ -204,7 +205,7 @@ class CausalLMTask:
         cfg = self.cfg
         key = json.dumps({  # everything that changes the result
             "arch": cfg.model.arch.model_dump(exclude_none=True), "pretrain": cfg.model.pretrain.model_dump(),
-            "seq_len": cfg.data.seq_len, "seed": cfg.run.seed, "v": 1,
+            "seq_len": cfg.data.seq_len, "seed": cfg.model.pretrain.seed, "v": 1,
             "public": hashlib.sha256("\x00".join(public).encode()).hexdigest()[:16]}, sort_keys=True)
         path = cache_dir("pretrain", f"gpt2-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors")
         if path.is_file():

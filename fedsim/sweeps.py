@@ -155,7 +155,7 @@ def run_cell(config_json: str, out_dir: str, resume: bool) -> None:
     sys.stdout = sys.stderr = log
     code = 1
     try:
-        from fedsim.compare import run_compare
+        from fedsim.comparison import run_compare
 
         run_compare(config_from_json(config_json), say=print, resume_dir=out if resume else None,
                     out_dir=None if resume else out)
@@ -190,7 +190,7 @@ def cell_status(out: Path, exitcode: int | None) -> str:
 
 def result_rows(sweep: Sweep) -> list[dict]:
     """One row per run of every comparison that finished (a missing one: status "missing")."""
-    from fedsim.compare import ROWS
+    from fedsim.comparison import ROWS
 
     def read(path: Path) -> dict:
         path = path / "compare.json"
@@ -326,6 +326,7 @@ def run_sweep(sweep: Sweep, jobs: int, say=print) -> list[dict]:
 def start_sweep(config_path: str, overrides: list[str], grid: dict[str, list], seeds: int, methods: list[str],
                 out: str | None) -> Sweep:
     """Check every cell's config, then create the sweep directory (never an existing one)."""
+
     from fedsim.config import load_config, read_config_file
     from fedsim.rundir import atomic_write_text, config_yaml, create_run_dir
 

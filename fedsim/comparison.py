@@ -53,6 +53,8 @@ def _fmt(x) -> str:
     return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
+UNMATCHED = 0.1  # ULS's and ELS's planned compute further apart than this share of the budget: a warning
+
 #: compare.methods name -> (the row's label, compare.json key, run directory name)
 ROWS = {"uls": ("ULS", "uls", "uls"), "els": ("ELS", "els", "els"), "non-private": ("non-private", "reference", "reference")}
 
@@ -61,6 +63,11 @@ def _shape(s: dict) -> str:
     if s["method"] == "ULS":
         return f"{s['steps']} rounds x {s['expected_cohort']:g}"
     return f"{s['steps']} steps x {s['expected_batch']:g} k{s['k']}"
+
+
+def _short(x: float, spec: str) -> str:
+    """`spec` for ordinary values; 4 significant digits for huge or non-finite ones (a diverged run)."""
+    return format(x, spec) if abs(x) < 1e4 else format(x, ".4g")
 
 
 def print_results(rows: list[tuple[str, dict]], title: str | None = None) -> None:
@@ -73,7 +80,8 @@ def print_results(rows: list[tuple[str, dict]], title: str | None = None) -> Non
         eps = "inf" if s.get("target_epsilon") is None else f"{s['epsilon']:.3g}/{s['target_epsilon']:g}"
         sigma = s.get("noise_multiplier")
         table.append([label, eps, s["noise"] if sigma is None else f"{sigma:.3g}", _shape(s), f"{s['compute_examples']:,}",
-                      f"{s['eval_loss_after']:.4f}", f"{s['eval_perplexity_after']:.2f}", f"{s['wall_time_s']:.0f}s"])
+                      _short(s["eval_loss_after"], ".4f"), _short(s["eval_perplexity_after"], ".2f"),
+                      f"{s['wall_time_s']:.0f}s"])
     print_table(["method", "eps/target", "sigma", "shape", "compute", "eval loss", "ppl", "time"], table, title,
                 right=("eps/target", "sigma", "compute", "eval loss", "ppl", "time"))
     first = rows[0][1]
@@ -161,6 +169,14 @@ def run_compare(cfg, say=print, resume_dir: Path | None = None, out_dir: Path | 
     if "non-private" in methods:
         plans["non-private"] = (plan_uls(ref_cfg, store.num_users) if cfg.compare.reference == "uls"
                                 else plan_els(ref_cfg, store, steps=cp.els_steps, group_bound=False))
+    gap = abs(cp.uls_expected - cp.els_expected) / cp.budget
+    if gap > UNMATCHED and {"uls", "els"} <= set(plans):  # whole rounds and steps cannot split a small budget
+        # evenly; each run prints its plan's warnings as it starts and keeps them in summary.json
+        import dataclasses
+
+        warning = (f"unmatched compute: ULS plans {cp.uls_expected:,.0f} example gradients and ELS"
+                   f" {cp.els_expected:,.0f} for a budget of {cp.budget:,.0f} ({gap:.0%} apart); raise compare.budget")
+        plans = {n: dataclasses.replace(p, warnings=(*p.warnings, warning)) for n, p in plans.items()}
     for name, plan in plans.items():
         extra = (f" (user-level epsilon {plan.planned_epsilon:.4g}, group-privacy bound {_fmt(plan.group_epsilon)})"
                  if name == "els" else "")
@@ -246,3 +262,4 @@ def main(argv: list[str]) -> int:
         if not str(s.get("stop_reason", "")).startswith("completed"):
             print(f"note ({s['method']}): {s['stop_reason']}")
     return 0
+
