@@ -116,6 +116,7 @@ RAY = ("simulation.backend=ray", "run.checkpoint_every=1000", "run.eval_every=10
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~60 s: two Ray starts (the process-group test below covers Ray in the fast suite)
 def test_sigint_to_a_ray_run_stops_after_the_round_and_it_resumes_to_the_end(tmp_path):
     """Before: the signal was never seen (Flower's engine holds the main thread in a join) and
     the run went on to its last round."""
@@ -143,6 +144,7 @@ def test_ctrl_c_from_a_terminal_stops_a_ray_run(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~30 s; the in-process second-SIGINT test stays in the fast suite
 def test_a_second_sigint_stops_a_ray_run_at_once_without_a_traceback(tmp_path):
     """Before: the second Ctrl-C printed a raw traceback."""
     proc = _start(_smoke(tmp_path, *RAY, "run.rounds=200", "uls.expected_cohort=15", "uls.max_examples_per_user=64"))

@@ -73,6 +73,7 @@ def test_resume_of_a_finished_sweep_runs_nothing(tiny_sweep, capsys):
     assert {p: p.stat().st_mtime_ns for p in tiny_sweep.glob("cells/*/*/compare.json")} == before
 
 
+@pytest.mark.slow  # ~1 min: two sweeps in subprocesses, one killed
 def test_sweep_resume_continues_a_killed_comparison_and_skips_the_finished_one(tmp_path):
     """One cell's worker SIGKILLs itself right after recording ULS round 2's release; the other
     cell finishes; `--resume` continues the killed one from its checkpoint (the ledger keeps
