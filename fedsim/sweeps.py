@@ -254,7 +254,9 @@ def print_summary(sweep: Sweep, rows: list[dict]) -> None:
         name = cell_name(cell)
         losses = [[r["eval_loss_after"] for r in rows if r["cell"] == name and r["method"] == label
                    and r["eval_loss_after"] is not None] for label in labels]
-        table.append([name, *("-" if not xs else f"{t_interval(xs)[0]:.4f}" + (
+        short = ",".join(part.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + part.split("=", 1)[1]
+                         for part in name.split(",")) if cell else name  # dp.epsilon=1 -> epsilon=1
+        table.append([short, *("-" if not xs else f"{t_interval(xs)[0]:.4f}" + (
             "" if len(xs) < 2 else f" +-{t_interval(xs)[1]:.4f}") for xs in losses)])
     print_table(["cell", *labels], table, f"eval loss after training, mean +- 95% half-width over {sweep.seeds} seed(s)",
                 right=tuple(labels), wrap=("cell",))
