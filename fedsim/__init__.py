@@ -17,31 +17,14 @@ __version__ = "0.1.0"
 
 
 def load(config, overrides=()):
-    """An `ExperimentConfig` from a path, a dict or a config, with `--set`-style overrides."""
-    from pathlib import Path
-
-    from fedsim.config import (
-        ExperimentConfig,
-        apply_overrides,
-        load_config,
-        resolve_paths,
-    )
+    """An `ExperimentConfig` from a path, a dict or a config, with `--set`-style overrides
+    (relative paths in a dict: to the working directory)."""
+    from fedsim.config import ExperimentConfig, config_from_dict, load_config
 
     if isinstance(config, ExperimentConfig):
         config = config.model_dump(mode="json")
     if isinstance(config, dict):
-        import json
-
-        from pydantic import ValidationError
-
-        from fedsim.config import _format_validation_error
-        from fedsim.errors import ConfigError
-
-        try:
-            raw = apply_overrides(json.loads(json.dumps(config)), list(overrides))
-            return ExperimentConfig.model_validate(resolve_paths(raw, Path.cwd()))  # relative: to the working directory
-        except ValidationError as exc:
-            raise ConfigError(_format_validation_error(exc, "(dict)")) from None
+        return config_from_dict(config, overrides)
     return load_config(config, list(overrides))
 
 

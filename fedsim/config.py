@@ -452,8 +452,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     file are resolved against the file's directory, relative paths given in `overrides` against the working
     directory (as typed on a command line): every path of the result is absolute (config.yaml records it)."""
     raw = read_config_file(path) if path is not None else {}
-    source = str(path) if path is not None else "(defaults)"
-    raw = resolve_paths(apply_overrides(raw, list(overrides or [])), Path.cwd())
+    return config_from_dict(raw, overrides or [], str(path) if path is not None else "(defaults)")
+
+
+def config_from_dict(raw: dict, overrides=(), source: str = "(dict)") -> ExperimentConfig:
+    """The validated config of `raw` (sections as read from YAML; not changed) with `--set` overrides;
+    relative paths still in it resolve against the working directory. A bad key or value is a
+    ConfigError naming it and `source`."""
+    import copy
+
+    raw = resolve_paths(apply_overrides(copy.deepcopy(raw), list(overrides)), Path.cwd())
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:

@@ -110,23 +110,12 @@ class Sweep:
         return out
 
     def config_for(self, cell: dict, seed: int):
-        """The validated config of one comparison (ConfigError names a bad key or value)."""
-        from pydantic import ValidationError
+        """The validated config of one comparison (ConfigError names a bad key or value; paths given by
+        --set or the grid are relative to the working directory, as in load_config)."""
+        from fedsim.config import config_from_dict
 
-        from fedsim.config import (
-            ExperimentConfig,
-            _format_validation_error,
-            apply_overrides,
-            resolve_paths,
-        )
-
-        raw = apply_overrides(json.loads(json.dumps(self.config)), [
-            *self.overrides, *(f"{k}={json.dumps(v)}" for k, v in cell.items()),
-            f"compare.methods={json.dumps(self.methods)}"])
-        try:  # paths given by --set or the grid: relative to the working directory, as in load_config
-            cfg = ExperimentConfig.model_validate(resolve_paths(raw, Path.cwd()))
-        except ValidationError as exc:
-            raise ConfigError(_format_validation_error(exc, f"sweep cell {cell_name(cell)}")) from None
+        cfg = config_from_dict(self.config, [*self.overrides, *(f"{k}={json.dumps(v)}" for k, v in cell.items()),
+                                             f"compare.methods={json.dumps(self.methods)}"], f"sweep cell {cell_name(cell)}")
         run = {"seed": cfg.run.seed + seed, "checkpoint_every": cfg.run.checkpoint_every or 1}
         return cfg.model_copy(update={"run": cfg.run.model_copy(update=run)})
 
