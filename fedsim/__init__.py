@@ -51,10 +51,12 @@ def sweep(config, grid: dict | None = None, seeds: int | None = None, methods=No
     """`fedsim sweep CONFIG`: every cell of `grid` (default: the config's sweep.grid) x seeds;
     returns the rows of results.json (one per run). `config` must be a YAML path: the sweep
     directory records it so that `fedsim sweep --resume` can rebuild every cell."""
+    import os
+
     from fedsim.errors import ConfigError
     from fedsim.sweeps import cells, default_jobs, run_sweep, start_sweep
 
-    if not isinstance(config, (str, __import__("os").PathLike)):
+    if not isinstance(config, (str, os.PathLike)):
         raise ConfigError("fedsim.sweep needs the config as a YAML path (the sweep directory records it for --resume)")
     base = load(config, overrides)
     grid = {k: list(v) for k, v in (grid if grid is not None else base.sweep.grid).items()}
