@@ -105,7 +105,8 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
         saved = checkpoint(0)
     stop_reason, done, after = f"completed planned {method.key}s", start - 1, before
     diverged = None  # a warning, once
-    with RoundProgress(plan.steps, label=f"{method.name} {method.key}s", enabled=not cfg.simulation.verbose) as bar:
+    with RoundProgress(plan.steps, label=f"{method.name} {method.key}s", enabled=not cfg.simulation.verbose,
+                       say=say) as bar:
         for step in range(start, plan.steps + 1):
             if interrupt.requested():  # Ctrl-C / SIGTERM: stop between rounds/steps, resumably
                 if saved != done:  # a checkpoint at the stop, whatever run.checkpoint_every says

@@ -9,8 +9,8 @@ class RoundProgress:
     """A rich bar on a terminal; without one (a pipe, a file, a notebook), plain lines: every
     round/step when there are at most 50, else every 5% and at each evaluation."""
 
-    def __init__(self, total: int, label: str = "rounds", enabled: bool = True):
-        self.total, self.label = total, label
+    def __init__(self, total: int, label: str = "rounds", enabled: bool = True, say=print):
+        self.total, self.label, self.say = total, label, say  # lines go where the run's messages go
         self.bar = enabled and sys.stderr.isatty()
         self.lines = enabled and not self.bar
         self._p = None
@@ -32,9 +32,9 @@ class RoundProgress:
                            loss=f"{loss:.4f}" if loss is not None else "-")
         elif self.lines and (self.total <= 50 or loss is not None or done == self.total
                              or done % max(1, self.total // 20) == 0):
-            print(f"{self.label[:-1]} {done}/{self.total}: epsilon {eps:.4g}"
-                  + (f", eval loss {loss:.4f}" if loss is not None else "")
-                  + (f", {seconds:.2f} s" if seconds is not None else ""), flush=True)
+            self.say(f"{self.label[:-1]} {done}/{self.total}: epsilon {eps:.4g}"
+                     + (f", eval loss {loss:.4f}" if loss is not None else "")
+                     + (f", {seconds:.2f} s" if seconds is not None else ""))
 
     def __exit__(self, *exc):
         if self._p is not None:
