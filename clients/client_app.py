@@ -66,7 +66,7 @@ def handle_train(worker, content: RecordDict) -> RecordDict:
         "arrays": ArrayRecord({"delta-sum": Array(res.delta_sum.detach().cpu().numpy().astype(np.float32))}),
         "metrics": MetricRecord({
             "num-users": res.num_users, "num-examples": res.num_examples, "loss-sum": res.loss_sum,
-            "num-clipped": res.clipped, "num-failed": res.failed,
+            "num-clipped": res.clipped, "num-failed": res.failed, "num-canaries": res.canaries,
         }),
     })
 

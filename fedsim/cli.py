@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("account", help="epsilon from every accountant; `fedsim account -h`", add_help=False)
     sub.add_parser("lmo-search", help="offline LMO noise search; `fedsim lmo-search -h`", add_help=False)
     sub.add_parser("compare", help="ULS vs ELS at matched (epsilon, delta) and compute; `fedsim compare -h`", add_help=False)
+    sub.add_parser("audit", help="canary users and one-run lower bounds on epsilon; `fedsim audit -h`", add_help=False)
     sub.add_parser("sweep", help="a grid of comparisons over seeds; `fedsim sweep -h`", add_help=False)
     sub.add_parser("report", help="figures and a Markdown/HTML report of a sweep or compare directory; `fedsim report -h`",
                    add_help=False)
@@ -93,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # subcommands with their own parsers take the rest of the line
     external = {"account": "fedsim.account", "lmo-search": "fedsim.lmo_search", "compare": "fedsim.comparison",
-                "report": "fedsim.report", "sweep": "fedsim.sweeps"}
+                "report": "fedsim.report", "sweep": "fedsim.sweeps", "audit": "fedsim.audit.auditor"}
     external["config"] = "fedsim.config_reference"
     if argv and argv[0] in external:
         import importlib
 
         # `fedsim compare` stops after a round/step on Ctrl-C; `fedsim sweep` keeps its own handling
         return _guard(lambda: importlib.import_module(external[argv[0]]).main(argv[1:]),
-                      stop_between_rounds=argv[0] == "compare")
+                      stop_between_rounds=argv[0] in ("compare", "audit"))
     args = parser.parse_args(argv)
     return _guard(lambda: {"run": cmd_run, "data": cmd_data}[args.command](args), stop_between_rounds=args.command == "run")
 

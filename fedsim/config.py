@@ -314,6 +314,24 @@ class SweepConfig(_Strict):
                              " the Ray backend, else one per core)")
 
 
+class AuditConfig(_Strict):
+    """`fedsim audit`: canary users inserted into the population to measure the privacy a run really has."""
+
+    canaries: int = Field(0, ge=0, description="canary users (`fedsim audit --canaries`; 0 here: `fedsim audit`"
+                          " uses 1000); each is in the population by a secret fair coin. Only `fedsim audit` inserts"
+                          " them: `fedsim run` refuses a config with canaries")
+    kind: Literal["gradient", "text"] = Field("gradient", description="gradient: a canary's update (ULS) or every"
+                                              " per-example gradient (ELS) is a fixed random direction; text: a"
+                                              " canary user holds a secret random sequence and trains on it")
+    canary_norm: float = Field(10.0, ge=1, description="a gradient canary's raw norm, in multiples of the clip norm"
+                               " C: clipping brings it to C, so a raw norm above C also tests the clipping")
+    seed: int = Field(0, description="public seed of the canaries' directions and sequences (the auditor knows"
+                      " them; only the inclusion coins are secret)")
+    references: int = Field(2000, ge=1, description="text canaries: random reference sequences the canaries'"
+                            " exposure is ranked against")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the one-run lower bound")
+
+
 class ExperimentConfig(_Strict):
     run: RunConfig = Field(RunConfig(), description=RunConfig.__doc__)
     data: DataConfig = Field(DataConfig(), description=DataConfig.__doc__)
@@ -325,6 +343,7 @@ class ExperimentConfig(_Strict):
     compare: CompareConfig = Field(CompareConfig(), description=CompareConfig.__doc__)
     mean_estimation: MeanEstimationConfig = Field(MeanEstimationConfig(), description=MeanEstimationConfig.__doc__)
     sweep: SweepConfig = Field(SweepConfig(), description=SweepConfig.__doc__)
+    audit: AuditConfig = Field(AuditConfig(), description=AuditConfig.__doc__)
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:

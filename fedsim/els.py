@@ -45,6 +45,7 @@ class ElsMethod:
     name, key, sign = "ELS", "step", -1.0  # the sum is of gradients: the update is its negation
 
     def __init__(self, cfg, plan, store, task, randomness):
+        from fedsim.audit.canaries import canaries_of
         from fedsim.sampling import PoissonSampler
         from fedsim.training.per_example import make_clipper
 
@@ -52,16 +53,47 @@ class ElsMethod:
         self.sampler = PoissonSampler(plan.num_examples, plan.q, randomness, "els-sample")
         self.clipper = make_clipper(task, cfg.els.per_example)
         self.optimizer = (cfg.els.optimizer, cfg.els.lr, cfg.els.momentum)
+        # `fedsim audit`: canary users' examples are in the plan; the excluded ones never join a batch
+        self.canaries = canaries_of(store)
+        self.included = self.canaries.inclusion(randomness) if self.canaries is not None else None
 
     def clipped_sum(self, step: int, weights: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
-        texts = self.plan.texts(self.store, self.sampler.sample(step))
+        idx = self.sampler.sample(step)
+        canary_users = None
+        if self.canaries is not None:  # split off the canary examples (fedsim/audit/canaries.py)
+            j = self.canaries.index(self.plan.example_user[idx])
+            canary_users, idx = j[j >= 0], idx[j < 0]
+            canary_users = canary_users[self.included[canary_users]]
+        texts = self.plan.texts(self.store, idx)
         clip = self.plan.mechanism.clip_norm
         res = clipped_sum(self.clipper, self.task, texts, clip, self.cfg.els.micro_batch)
         finite = res.norms[torch.isfinite(res.norms)]
-        return self.task.flat.flat_grad, {
+        diagnostics = {
             "batch": len(texts), "dropped_examples": res.dropped, "clipped_frac": res.clipped_fraction(clip),
             "train_loss": float(res.losses[torch.isfinite(res.losses)].mean()) if finite.numel() else None,
-            "grad_norm_median": float(finite.median()) if finite.numel() else None}, len(texts)
+            "grad_norm_median": float(finite.median()) if finite.numel() else None}
+        if canary_users is not None:
+            self._add_canaries(canary_users, clip)
+            diagnostics["canary_examples"] = int(canary_users.size)
+        return self.task.flat.flat_grad, diagnostics, len(texts)
+
+    def _add_canaries(self, canary_users, clip: float) -> None:
+        """flat_grad += the sampled canary examples' clipped gradients: -c_j x canary_norm x C for a
+        gradient canary (clipped as any example's), the model's own gradient for a text canary."""
+        from fedsim.privacy.mechanisms import clip_factor, update_norm
+
+        grad = self.task.flat.flat_grad
+        if not canary_users.size:
+            return
+        if self.canaries.kind == "text":
+            real = grad.clone()
+            texts = [self.canaries.text(int(j)) for j in canary_users]
+            clipped_sum(self.clipper, self.task, texts, clip, self.cfg.els.micro_batch)
+            grad.add_(real)
+            return
+        for j in canary_users:
+            g = self.canaries.raw_update(int(j), grad.numel(), clip).neg_().to(grad.device, grad.dtype)
+            grad.add_(g, alpha=clip_factor(update_norm(g), clip))
 
     def summary(self, ledger, plan, steps: int) -> dict:
         return {"per_example": self.clipper.name, "optimizer": self.cfg.els.optimizer, "lr": self.cfg.els.lr,

@@ -32,8 +32,10 @@ class Method(Protocol):
 
 
 def train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, say=print, resume: bool = False,
-          eval_every: int | None = None) -> dict:
-    """Run `plan` with `method` in `run_dir` (continuing its checkpoint when `resume`); returns the summary."""
+          eval_every: int | None = None, observer=None) -> dict:
+    """Run `plan` with `method` in `run_dir` (continuing its checkpoint when `resume`); returns the summary.
+    `observer` (`fedsim audit`) sees what an adversary sees: `on_start(task, plan, randomness)` before
+    the first release, `on_release(step, update)` with each released update, `on_end(task)`."""
     from fedsim.rundir import RunWriter
 
     scalars = None
@@ -44,14 +46,14 @@ def train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, s
     try:  # a first SIGINT/SIGTERM now stops after the round/step (fedsim/interrupt.py)
         with interrupt.resumable(f"fedsim run --resume {run_dir}"), interrupt.deferred():
             return _train(cfg, plan, task, evalset, method, run_dir, randomness, say, resume, eval_every,
-                          RunWriter(run_dir, scalars))
+                          RunWriter(run_dir, scalars), observer)
     finally:
         if scalars is not None:
             scalars.close()
 
 
 def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, say, resume: bool,
-           eval_every: int | None, writer) -> dict:
+           eval_every: int | None, writer, observer=None) -> dict:
     from fedsim.checkpoint import checkpoint_if_due, load_checkpoint, save_checkpoint
     from fedsim.privacy.budget import PrivacyBudget
     from fedsim.privacy.ledger import PrivacyLedger
@@ -103,6 +105,8 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
         saved = ckpt["step"]
     else:  # a checkpoint before the first release: a run interrupted in its first round/step resumes too
         saved = checkpoint(0)
+    if observer is not None:
+        observer.on_start(task=task, plan=plan, randomness=randomness)
     stop_reason, done, after = f"completed planned {method.key}s", start - 1, before
     diverged = None  # a warning, once
     with RoundProgress(plan.steps, label=f"{method.name} {method.key}s", enabled=not cfg.simulation.verbose,
@@ -123,6 +127,8 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
             signal_norm = float(torch.linalg.vector_norm(total))  # a diagnostic: the unnoised sum
             noisy_mean, noise_metrics = release.release(step, total)
             update = noisy_mean.mul_(method.sign).to(opt.weights.device)
+            if observer is not None:
+                observer.on_release(step, update)
             task.flat.set(opt.step(update))
             compute += examples
             row = {  # released (covered by the guarantee): public plan values and the noisy update
@@ -144,6 +150,8 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
                 say(f"warning: {diverged}")
     if done and (done != plan.steps or after is before):
         after = task.evaluate(evalset)
+    if observer is not None:
+        observer.on_end(task)
     writer.save_weights(task.flat.state_dict(), metadata={"format": "fedsim trainable weights", "steps": str(done)})
     wall = time.time() - t_start
     summary = {
@@ -174,7 +182,9 @@ def prepare(cfg, method: str, say=print, plan=None, resume_dir: Path | None = No
         from fedsim.tensorboard_log import check_tensorboard
 
         check_tensorboard()
-    store = build_store(cfg.data)
+    from fedsim.audit.canaries import with_canaries
+
+    store = with_canaries(build_store(cfg.data), cfg)  # `fedsim audit`: canary users appended
     for line in report_notes(store.data_report()):  # what the data lost on the way in, once at the start
         say(f"note: {line}")
     check_model_source(cfg)
@@ -198,7 +208,7 @@ def prepare(cfg, method: str, say=print, plan=None, resume_dir: Path | None = No
 
 
 def run(cfg, method: str = "ULS", say=print, *, plan=None, run_dir: Path | None = None, resume: bool = False,
-        eval_every: int | None = None) -> tuple[Path, dict]:
+        eval_every: int | None = None, observer=None) -> tuple[Path, dict]:
     """Run ULS (Flower) or ELS (centralized) for the config; returns (run directory, summary).
     `resume=True` continues `run_dir` from its last checkpoint (its ledger is never reset)."""
     from fedsim.data import eval_examples
@@ -208,6 +218,9 @@ def run(cfg, method: str = "ULS", say=print, *, plan=None, run_dir: Path | None 
     from fedsim.simulate import quiet_logs
 
     method = method.upper()
+    if cfg.audit.canaries and observer is None:  # a canary changes the population: only an audit may add them
+        raise FedsimError(f"audit.canaries={cfg.audit.canaries}: canary users are inserted only by `fedsim audit`"
+                          " (set audit.canaries=0 to run, compare or sweep)")
     quiet_logs(cfg.simulation.verbose)  # before the model is built: library notices are not for the user
     # One intra-op thread unless asked: the tiny per-user batches gain nothing from more, and
     # OpenMP threads spinning beside Ray actors (which Ray pins to 1 thread) slowed rounds ~50x.
@@ -226,13 +239,14 @@ def run(cfg, method: str = "ULS", say=print, *, plan=None, run_dir: Path | None 
     if method == "ULS":
         from fedsim.simulate import run_flower
 
-        summary = run_flower(cfg, plan, task, evalset, run_dir, randomness, say, resume)
+        summary = run_flower(cfg, plan, task, evalset, run_dir, randomness, say, resume, observer=observer)
     else:
         from fedsim.els import ElsMethod
 
         els = ElsMethod(cfg, plan, store, task, randomness)
         try:
-            summary = train(cfg, plan, task, evalset, els, run_dir, randomness, say, resume, eval_every or cfg.els.eval_every)
+            summary = train(cfg, plan, task, evalset, els, run_dir, randomness, say, resume,
+                            eval_every or cfg.els.eval_every, observer=observer)
         finally:
             els.close()
     return run_dir, summary

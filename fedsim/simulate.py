@@ -81,7 +81,8 @@ def quiet_logs(verbose: bool) -> None:
     hf_logging.set_verbosity_error()
 
 
-def run_flower(cfg, plan, task, evalset, run_dir: Path, randomness, say=print, resume: bool = False) -> dict:
+def run_flower(cfg, plan, task, evalset, run_dir: Path, randomness, say=print, resume: bool = False,
+               observer=None) -> dict:
     """Train `plan` with ULS on Flower: in-process, or on the Ray backend (a local Ray, or the
     cluster at simulation.ray_address); returns the summary."""
     from server.server_app import run_server
@@ -89,7 +90,7 @@ def run_flower(cfg, plan, task, evalset, run_dir: Path, randomness, say=print, r
     args = (cfg, plan, task, evalset, run_dir, randomness)
     nodes = num_nodes_for(cfg, plan.num_users)
     if cfg.simulation.backend == "inprocess":
-        return run_server(InProcessGrid(cfg, nodes), *args, say, resume)
+        return run_server(InProcessGrid(cfg, nodes), *args, say, resume, observer=observer)
 
     from flwr.simulation import run_simulation
 
@@ -104,7 +105,8 @@ def run_flower(cfg, plan, task, evalset, run_dir: Path, randomness, say=print, r
     def simulate() -> None:
         try:
             with replacing_dead_ray_actors():
-                run_simulation(server_app=make_server_app(outcome, *args, say=print, resume=resume),
+                run_simulation(server_app=make_server_app(outcome, *args, say=print, resume=resume,
+                                                               observer=observer),
                                client_app=make_client_app(cfg), num_supernodes=nodes, backend_config=backend_config,
                                verbose_logging=cfg.simulation.verbose)
         except BaseException as exc:  # noqa: BLE001 -- surfaced below, in the calling thread

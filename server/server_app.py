@@ -14,15 +14,23 @@ from fedsim.loop import train
 from strategies.uls_strategy import UlsStrategy
 
 
-def run_server(grid: Grid, cfg, plan, task, evalset, run_dir: Path, randomness, say=print, resume: bool = False) -> dict:
+def run_server(grid: Grid, cfg, plan, task, evalset, run_dir: Path, randomness, say=print, resume: bool = False,
+               observer=None) -> dict:
     """Train `plan` with ULS over `grid`; returns the run's summary."""
     uls = cfg.uls
+    present = None
+    if cfg.audit.canaries:  # `fedsim audit`: excluded canaries are never sent (fedsim/audit/canaries.py)
+        from fedsim.audit.canaries import Canaries
+
+        canaries = Canaries.from_config(cfg, plan.num_users - cfg.audit.canaries)
+        included = canaries.inclusion(randomness)
+        present = lambda cohort: canaries.present(cohort, included)  # noqa: E731
     strategy = UlsStrategy(num_users=plan.num_users, dimension=task.flat.numel, sampling_rate=plan.q,
                            clip_norm=plan.mechanism.clip_norm, randomness=randomness,
                            users_per_client=uls.users_per_client, expected_cohort=uls.expected_cohort, grid=grid,
                            timeout=cfg.simulation.timeout,
-                           optimizer=(uls.server_optimizer, uls.server_lr, uls.server_momentum))
-    return train(cfg, plan, task, evalset, strategy, run_dir, randomness, say, resume)
+                           optimizer=(uls.server_optimizer, uls.server_lr, uls.server_momentum), present=present)
+    return train(cfg, plan, task, evalset, strategy, run_dir, randomness, say, resume, observer=observer)
 
 
 def make_server_app(outcome: dict, *args, **kwargs) -> ServerApp:

@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim.privacy import sabotage
 from fedsim.privacy.randomness import SecretRandomness
 from fedsim.sampling import PoissonSampler
 
@@ -62,7 +63,8 @@ class UlsStrategy(Strategy):
     def __init__(self, *, num_users: int, dimension: int, sampling_rate: float, clip_norm: float,
                  randomness: SecretRandomness,
                  users_per_client: int = 1, expected_cohort: float | None = None, grid: Grid | None = None,
-                 timeout: float | None = None, optimizer: tuple[str, float, float] = ("sgd", 1.0, 0.9)):
+                 timeout: float | None = None, optimizer: tuple[str, float, float] = ("sgd", 1.0, 0.9),
+                 present=None):
         if not 0 < sampling_rate <= 1:
             raise ValueError("The sampling rate should be in (0, 1].")
         self.num_users, self.dimension, self.q, self.clip_norm = num_users, dimension, sampling_rate, clip_norm
@@ -70,6 +72,8 @@ class UlsStrategy(Strategy):
         self.expected_cohort = expected_cohort if expected_cohort is not None else sampling_rate * num_users
         self.sampler = PoissonSampler(num_users, sampling_rate, randomness, "uls-cohort")  # the secret cohort
         self.users_per_client, self.grid, self.timeout, self.optimizer = users_per_client, grid, timeout, optimizer
+        # `fedsim audit`: drops the canaries whose secret coin left them out (fedsim/audit/canaries.py)
+        self.present = present
         self._round: dict = {}
 
     def summary(self, ledger=None, plan=None, steps: int = 0) -> dict:
@@ -91,6 +95,8 @@ class UlsStrategy(Strategy):
     # -- training ------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         cohort = self.sampler.sample(server_round)
+        if self.present is not None:
+            cohort = self.present(cohort)
         node_ids = sorted(grid.get_node_ids())
         buckets = math.ceil(self.expected_cohort / self.users_per_client)
         groups = assign_users_to_nodes(cohort, node_ids, self.users_per_client, buckets)
@@ -116,16 +122,16 @@ class UlsStrategy(Strategy):
         vec = torch.from_numpy(np.asarray(arr, dtype=np.float32).copy())
         if not torch.isfinite(vec).all():
             return None, met, "non-finite values"
-        n = int(met.get("num-users", 0))
+        n = int(met.get("num-users", 0)) + int(met.get("num-canaries", 0))
         # a sum of n clipped deltas has norm <= n*C: anything larger was not clipped
-        if float(vec.double().pow(2).sum().sqrt()) > n * self.clip_norm * (1 + 1e-4) + 1e-6:  # float64: f32 norms read low
+        if not sabotage.active("no-clip") and float(vec.double().pow(2).sum().sqrt()) > n * self.clip_norm * (1 + 1e-4) + 1e-6:  # float64: f32 norms read low
             return None, met, f"norm exceeds {n} x clip norm"
         return vec, met, ""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         d = int(self.dimension)
         total = torch.zeros(d, dtype=torch.float32)
-        users = examples = clipped = failed_users = 0
+        users = examples = clipped = failed_users = canaries = 0
         replies = list(replies)
         # a message with no reply timed out (or its node vanished): dropped like a failed one
         missing = max(0, self._round.get("messages", len(replies)) - len(replies))
@@ -144,11 +150,14 @@ class UlsStrategy(Strategy):
             loss_sum += float(met.get("loss-sum", 0.0))
             clipped += int(met.get("num-clipped", 0))
             failed_users += int(met.get("num-failed", 0))
+            canaries += int(met.get("num-canaries", 0))
         metrics = {  # simulation diagnostics (computed from unnoised user data; diagnostics.jsonl)
             "cohort": self._round.get("cohort", users), "users": users, "examples": examples,
             "train_loss": loss_sum / max(users, 1), "clipped_frac": clipped / max(users, 1),
             "dropped_replies": dropped, "missing_replies": missing, "failed_users": failed_users,
             "messages": self._round.get("messages", 0)}
+        if self.present is not None:  # `fedsim audit`: canaries are never counted as users
+            metrics["canaries"] = canaries
         return ArrayRecord({"delta-sum": Array(total.numpy())}), MetricRecord(metrics)
 
     # -- evaluation happens centrally on the server (evaluate_fn); no federated eval --

@@ -18,6 +18,7 @@ import math
 import torch
 from dp_accounting import dp_event
 
+from fedsim.privacy import sabotage
 from fedsim.privacy.accounting import UnsupportedEventError, check_positive
 from fedsim.privacy.randomness import NOISE_CHUNK, RandomStream, snap_to_grid
 
@@ -34,6 +35,8 @@ def update_norm(update: torch.Tensor) -> float:
 
 def clip_factor(norm: float, clip_norm: float) -> float:
     """min(1, C / (norm + 1e-6)): the Opacus factor; the clipped update is strictly inside the ball."""
+    if sabotage.active("no-clip"):  # the audit's self-test only (fedsim/privacy/sabotage.py)
+        return 1.0
     return min(1.0, clip_norm / (norm + 1e-6))
 
 
@@ -110,7 +113,10 @@ class NoiseMechanism(abc.ABC):
             return aggregate, released
         for start in range(0, flat.numel(), NOISE_CHUNK):
             part = flat[start:start + NOISE_CHUNK]
-            y = self.sample_noise(stream, part.numel()).add_(part.detach().to("cpu", torch.float64))
+            z = self.sample_noise(stream, part.numel())
+            if sabotage.active("weak-noise"):  # the audit's self-test only (fedsim/privacy/sabotage.py)
+                z.div_(sabotage.WEAK_NOISE_FACTOR)
+            y = z.add_(part.detach().to("cpu", torch.float64))
             part.copy_(snap_to_grid(y, grid_scale))
         return aggregate, released
 

@@ -77,6 +77,10 @@ def _norms(rows: torch.Tensor) -> torch.Tensor:
 
 def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
     """min(1, C / (||g|| + 1e-6)), the Opacus factor (as `per_user_clip` for ULS)."""
+    from fedsim.privacy import sabotage
+
+    if sabotage.active("no-clip"):  # the audit's self-test only (fedsim/privacy/sabotage.py)
+        return torch.ones_like(norms)
     return (clip_norm / (norms + 1e-6)).clamp(max=1.0)
 
 

@@ -29,6 +29,7 @@ class CohortResult:
     clipped: int = 0  # users whose delta norm exceeded C
     failed: int = 0  # users left out (training raised, or a non-finite delta)
     norms: list[float] = field(default_factory=list)
+    canaries: int = 0  # audit canaries whose clipped contribution is in the sum (never counted as users)
     vectorised: int = 0  # uls.vectorise: users trained in a grouped forward/backward
     sequential: int = 0  # uls.vectorise: users that fell back to the back-to-back path
 
@@ -45,12 +46,20 @@ class CohortWorker:
     """Holds one task (model built once per process) and one user store."""
 
     def __init__(self, task, store, cfg):
+        from fedsim.audit.canaries import canaries_of
+
         self.task, self.store, self.cfg = task, store, cfg
+        self.canaries = canaries_of(store)  # `fedsim audit`: users from canaries.num_real on are canaries
         self._vectorised = None  # uls.vectorise: built on first use (fedsim/training/vectorised.py)
 
     def train_users(self, user_ids, global_flat: torch.Tensor, server_round: int) -> CohortResult:
         global_flat = global_flat.to(self.task.flat.flat.device, self.task.flat.flat.dtype)
         out = CohortResult(delta_sum=torch.zeros_like(global_flat))
+        if self.canaries is not None:
+            user_ids = [int(u) for u in user_ids]
+            for u in (u for u in user_ids if u >= self.canaries.num_real):
+                self.add_canary(out, u, global_flat, server_round)
+            user_ids = [u for u in user_ids if u < self.canaries.num_real]
         if getattr(self.cfg.uls, "vectorise", False):
             if self._vectorised is None:
                 from fedsim.training.vectorised import VectorisedUsers
@@ -61,6 +70,20 @@ class CohortWorker:
         for u in user_ids:
             self.train_one(out, int(u), global_flat, server_round)
         return out
+
+    def add_canary(self, out: CohortResult, user: int, global_flat: torch.Tensor, server_round: int) -> None:
+        """An audit canary's contribution, clipped like any user's (fedsim/audit/canaries.py): a
+        gradient canary's raw update is its direction; a text canary trains on its sequence."""
+        c, clip = self.canaries, self.cfg.dp.clip_norm
+        if c.kind == "gradient":
+            delta = c.raw_update(user - c.num_real, global_flat.numel(), clip).to(global_flat.device, global_flat.dtype)
+        else:
+            gen = user_generator(self.cfg.run.seed, server_round, user)
+            delta = train_user(self.task, global_flat, self.store.train_examples(user), self.cfg.uls, gen).delta
+        norm = update_norm(delta)
+        if math.isfinite(norm):
+            out.delta_sum.add_(delta, alpha=clip_factor(norm, clip))
+            out.canaries += 1
 
     def train_one(self, out: CohortResult, user: int, global_flat: torch.Tensor, server_round: int) -> None:
         """Train one user and add its clipped delta to `out`; a failing user is left out and counted."""

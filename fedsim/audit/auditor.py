@@ -1,0 +1,326 @@
+"""`fedsim audit`: train as configured with canary users in the population, then ask what the
+released model and updates reveal about them (docs/architecture.md, "Auditing").
+
+One run. Canaries (`fedsim/audit/canaries.py`) are included by secret fair coins; the
+`CanaryObserver` sees only what an adversary of each threat model sees: the initial and final
+trainable weights ("final model"), and every released update ("all iterates"). From those it
+scores every canary, without the coins, by statistics fixed in advance:
+
+* ``final-model``       cos(theta_T - theta_0, c_j) (gradient canaries), or the drop in the
+                        canary sequence's loss from theta_0 to theta_T (text canaries);
+* ``all-iterates``      max over releases t of cos(u_t, c_j);
+* ``differenced``       max over t of cos(u_t - u_{t-1}, c_j): what one noise vector reused in
+                        every release leaves (it cancels in the difference);
+* ``cohort-known``      only with `auditor_knows_sampling`: the auditor regenerates the cohorts
+                        (ELS batches) from run.seed, which a reproducible run's key is a public
+                        function of, and sums <u_t, c_j> over the releases canary j was sampled
+                        into, normalised.
+
+Then, against the coins:
+
+* the **one-run lower bound** (Steinke, Nasr and Jagielski 2023): for each statistic, guesses on
+  the highest and lowest scores; the bound holds at `audit.confidence` for the best of every
+  statistic and guess count tried (the failure probability is split over all of them);
+* the **one-shot estimate** (Andrew et al. 2024) of the final-model and all-iterates cosines:
+  included canaries against the excluded ones (random directions never inserted);
+* **exposure** (Carlini et al. 2019) of text canaries against `audit.references` random sequences.
+
+Verdict: "consistent" if the lower bound is at most the reported epsilon, else "VIOLATION".
+
+The audit's privacy cost: none beyond the run's. Canaries are users of the population the plan
+was made for (N = real users + canaries, the sampling rate q kept at the configured one by
+scaling the expected cohort / batch), and the reported epsilon covers each of them as any user.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedsim.audit.canaries import Canaries
+from fedsim.errors import ConfigError
+
+#: the statistics every audit of gradient canaries computes (cohort-known is added on request)
+GRADIENT_STATISTICS = ("final-model", "all-iterates", "differenced")
+DEFAULT_CANARIES = 1000
+#: directions held at once for scoring: [m, d] float32 above this many bytes is refused
+MAX_DIRECTION_BYTES = 4 << 30
+
+
+class CanaryObserver:
+    """The loop's observer (`fedsim.loop.train`): what the released outputs say about each canary."""
+
+    def __init__(self, canaries: Canaries):
+        self.canaries = canaries
+        self.proj: list[np.ndarray] = []  # <u_t, c_j> per release, [m] each
+        self.norms: list[float] = []  # ||u_t||
+        self.diff_proj: list[np.ndarray] = []  # <u_t - u_{t-1}, c_j>
+        self.diff_norms: list[float] = []
+        self.steps: list[int] = []
+        self._prev: torch.Tensor | None = None
+        self.final_cos = None
+        self.loss_before = self.loss_after = None
+
+    def on_start(self, task, plan, randomness) -> None:
+        c, d = self.canaries, task.flat.numel
+        self.plan, self.included = plan, c.inclusion(randomness)
+        self.start_weights = task.flat.get().detach().to("cpu", torch.float32).clone()
+        if c.kind == "gradient":
+            if c.count * d * 4 > MAX_DIRECTION_BYTES:
+                raise ConfigError(f"{c.count} canaries x {d:,} trainable weights need {c.count * d * 4 / 2**30:.1f} GiB"
+                                  " of directions: lower --canaries")
+            self.directions = c.directions(d)  # [m, d] unit rows
+        else:
+            from fedsim.audit.canaries import sequence_losses
+
+            self.texts = [c.text(j) for j in range(c.count)]
+            self.references = c.reference_texts(task.cfg.audit.references)
+            self.loss_before = sequence_losses(task, self.texts)
+
+    def on_release(self, step: int, update: torch.Tensor) -> None:
+        if self.canaries.kind != "gradient":
+            return
+        u = update.detach().to("cpu", torch.float32).reshape(-1)
+        p = (self.directions @ u).double().numpy()
+        self.steps.append(int(step))
+        self.proj.append(p)
+        self.norms.append(float(u.double().norm()))
+        if self._prev is not None:
+            self.diff_proj.append(p - self.proj[-2])
+            self.diff_norms.append(float((u - self._prev).double().norm()))
+        self._prev = u.clone()
+
+    def on_end(self, task) -> None:
+        if self.canaries.kind == "gradient":
+            delta = task.flat.get().detach().to("cpu", torch.float32) - self.start_weights
+            self.final_cos = (self.directions @ delta).double().numpy() / max(float(delta.double().norm()), 1e-30)
+        else:
+            from fedsim.audit.canaries import sequence_losses
+
+            self.loss_after = sequence_losses(task, self.texts)
+            self.reference_losses = sequence_losses(task, self.references)
+
+    # -- scores (no coins used) --------------------------------------------------------------------
+    def scores(self, cohorts: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Every statistic's score per canary. `cohorts` [releases, m]: how many of canary j's
+        contributions each release sampled (the auditor regenerated the secret samples)."""
+        if self.canaries.kind == "text":
+            return {"final-model": self.loss_before - self.loss_after}
+        m = self.canaries.count
+        out = {"final-model": self.final_cos}
+        if self.proj:
+            cos = np.stack(self.proj) / np.maximum(np.asarray(self.norms), 1e-30)[:, None]
+            out["all-iterates"] = cos.max(0)
+        if self.diff_proj:
+            dcos = np.stack(self.diff_proj) / np.maximum(np.asarray(self.diff_norms), 1e-30)[:, None]
+            out["differenced"] = dcos.max(0)
+        if cohorts is not None and self.proj:
+            w = cohorts[:len(self.proj)].astype(np.float64)
+            num = (w * np.stack(self.proj)).sum(0)
+            out["cohort-known"] = num / np.sqrt(np.maximum((w * w).sum(0), 1.0))
+        return {k: np.nan_to_num(np.asarray(v, dtype=np.float64)[:m], nan=0.0) for k, v in out.items()}
+
+
+def regenerate_cohorts(cfg, plan, canaries: Canaries, steps: list[int]) -> np.ndarray:
+    """[releases, m]: how many of each canary's contributions every release sampled, recomputed
+    from run.seed. Right only when the run's key is the public function of run.seed that
+    `dp.reproducible: true` makes it: the leak the auditor exploits."""
+    from fedsim.privacy.randomness import SecretRandomness
+    from fedsim.sampling import PoissonSampler
+
+    r = SecretRandomness.from_seed(cfg.run.seed)
+    out = np.zeros((len(steps), canaries.count), dtype=np.int64)
+    if plan.k is None:
+        sampler = PoissonSampler(plan.num_users, plan.q, r, "uls-cohort")
+        for i, t in enumerate(steps):
+            j = canaries.index(sampler.sample(t))
+            np.add.at(out[i], j[j >= 0], 1)
+    else:
+        sampler = PoissonSampler(plan.num_examples, plan.q, r, "els-sample")
+        for i, t in enumerate(steps):
+            j = canaries.index(plan.example_user[sampler.sample(t)])
+            np.add.at(out[i], j[j >= 0], 1)
+    return out
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def audit_config(cfg, method: str, canaries: int | None = None, kind: str | None = None):
+    """The config of the audit run: canaries set, the sampling rate of the configured run kept."""
+    from fedsim.data import build_store
+    from fedsim.plan import kept_examples
+
+    m = int(canaries or cfg.audit.canaries or DEFAULT_CANARIES)
+    if m < 2:
+        raise ConfigError(f"an audit needs at least 2 canaries, got {m}")
+    new = cfg.model_copy(deep=True)
+    new.audit.canaries = m
+    if kind is not None:
+        new.audit.kind = kind
+    store = build_store(cfg.data)
+    n = store.num_users
+    if method == "ULS" and cfg.uls.sampling_rate is None:  # same q = expected_cohort / N over N + m users
+        new.uls.expected_cohort = cfg.uls.expected_cohort * (n + m) / n
+    if method == "ELS" and cfg.els.sampling_rate is None:  # same q over the kept examples and the canaries'
+        kept = kept_examples(store.train_example_counts(), cfg.els.k, cfg.run.seed)[0].size
+        new.els.expected_batch = cfg.els.expected_batch * (kept + m * cfg.els.k) / kept
+    new.run.name = f"{cfg.run.name}-audit-{method.lower()}"
+    return new
+
+
+def run_audit(cfg, method: str = "ULS", canaries: int | None = None, kind: str | None = None, say=print,
+              auditor_knows_sampling: bool = False) -> tuple[Path, dict]:
+    """Run `cfg` with canaries and audit it; returns (run directory, audit.json's content).
+    `auditor_knows_sampling`: also score with the cohorts regenerated from run.seed (the self-test
+    of a leaked sampling key; meaningful only with dp.reproducible: true)."""
+    from fedsim.loop import run
+    from fedsim.privacy import sabotage
+
+    method = method.upper()
+    if method not in ("ULS", "ELS"):
+        raise ConfigError(f"--method must be uls or els, got {method.lower()!r}")
+    if cfg.dp.epsilon is None or cfg.dp.noise_multiplier == 0:
+        raise ConfigError("an audit needs a private run: dp.epsilon is unset or dp.noise_multiplier is 0")
+    broken = sabotage.active_kinds()
+    if broken and cfg.simulation.backend != "inprocess":
+        raise ConfigError("a sabotaged mechanism exists only in this process: audit it with simulation.backend=inprocess")
+    from fedsim.data import build_store
+
+    acfg = audit_config(cfg, method, canaries, kind)
+    t0 = time.time()
+    spec = Canaries.from_config(acfg, build_store(cfg.data).num_users)
+    observer = CanaryObserver(spec)
+    run_dir, summary = run(acfg, method, say, observer=observer)
+    cohorts = regenerate_cohorts(acfg, observer.plan, spec, observer.steps) if auditor_knows_sampling else None
+    result = evaluate(observer, summary, acfg, cohorts)
+    result.update(method=method, run_dir=str(run_dir), sabotage=broken, wall_time_s=time.time() - t0,
+                  run_wall_time_s=summary.get("wall_time_s"), auditor_knows_sampling=auditor_knows_sampling)
+    write_audit(run_dir, result)
+    return run_dir, result
+
+
+def evaluate(observer: CanaryObserver, summary: dict, cfg, cohorts=None) -> dict:
+    """audit.json's content: the estimates against the reported epsilon, and the verdict."""
+    from fedsim.audit import statistics as st
+
+    included, delta = observer.included, float(summary["delta"])
+    reported = float(summary["epsilon"])
+    scores = observer.scores(cohorts)
+    confidence = cfg.audit.confidence
+    beta = 1.0 - confidence
+    per_stat = {}
+    for name, s in scores.items():  # the failure probability split evenly over the statistics
+        res = st.one_run_audit(s, included, delta, confidence=1.0 - beta / len(scores))
+        per_stat[name] = {"epsilon_lower_bound": res.epsilon_lower_bound, "guesses": res.guesses,
+                          "correct": res.correct, "k_plus": res.k_plus, "k_minus": res.k_minus}
+    best = max(per_stat, key=lambda k: per_stat[k]["epsilon_lower_bound"])
+    lower = per_stat[best]["epsilon_lower_bound"]
+    one_shot = {}
+    for name in ("final-model", "all-iterates"):
+        if name in scores and observer.canaries.kind == "gradient":
+            est = st.one_shot_epsilon(scores[name][included], scores[name][~included], delta)
+            one_shot[name] = {"epsilon": est.epsilon, "mu_included": est.mu1, "sigma_included": est.sigma1,
+                              "mu_held_out": est.mu0, "sigma_held_out": est.sigma0}
+    out = {
+        "verdict": "consistent" if lower <= reported else "VIOLATION",
+        "reported_epsilon": reported, "delta": delta, "target_epsilon": summary.get("target_epsilon"),
+        "accountant": summary.get("accountant"), "noise": summary.get("noise"), "steps": summary.get("steps"),
+        "q": summary.get("q"), "confidence": confidence,
+        "lower_bound": {"epsilon": lower, "statistic": best, "confidence": confidence,
+                        "method": "Steinke, Nasr and Jagielski 2023 (arXiv 2305.08846), one run; failure"
+                                  " probability split over every statistic and guess count tried",
+                        "by_statistic": per_stat},
+        "one_shot": one_shot,
+        "canaries": {**observer.canaries.describe(), "included": int(included.sum()),
+                     "held_out": int((~included).sum())},
+        "epsilon_cost": "none beyond the run's: canaries are users of the population the plan was made for"
+                        f" ({summary.get('num_users')} users, canaries included) and the reported epsilon covers"
+                        " each of them as any user",
+        "real_user_metrics": "canaries hold no held-out examples and are never counted as users or compute:"
+                             " eval loss, cohort sizes and compute are the real users' alone",
+        "eval_loss_before": summary.get("eval_loss_before"), "eval_loss_after": summary.get("eval_loss_after"),
+        "scores": {k: v.tolist() for k, v in scores.items()}, "included": included.astype(int).tolist(),
+    }
+    if observer.canaries.kind == "text":
+        ex_in = [st.exposure(float(loss), observer.reference_losses) for loss in observer.loss_after[included]]
+        ex_out = [st.exposure(float(loss), observer.reference_losses) for loss in observer.loss_after[~included]]
+        out["exposure"] = {"references": len(observer.reference_losses),
+                           "max_possible": math.log2(len(observer.reference_losses) + 1),
+                           "included_mean": float(np.mean(ex_in)) if ex_in else None,
+                           "included_max": float(np.max(ex_in)) if ex_in else None,
+                           "held_out_mean": float(np.mean(ex_out)) if ex_out else None}
+    return out
+
+
+def write_audit(run_dir: Path, result: dict) -> None:
+    from fedsim.rundir import atomic_write_text
+
+    atomic_write_text(Path(run_dir) / "audit.json", json.dumps(result, indent=1, default=float))
+    plot_audit(Path(run_dir) / "audit.png", result)
+
+
+def plot_audit(path: Path, result: dict) -> None:
+    """Canary score distributions, included vs held out, one panel per statistic, with the estimates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["scores"])
+    included = np.asarray(result["included"], dtype=bool)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        s = np.asarray(result["scores"][name])
+        bins = np.histogram_bin_edges(s, bins=40)
+        ax.hist(s[~included], bins=bins, alpha=0.6, label=f"held out ({(~included).sum()})", color="tab:blue")
+        ax.hist(s[included], bins=bins, alpha=0.6, label=f"included ({included.sum()})", color="tab:orange")
+        lb = result["lower_bound"]["by_statistic"][name]["epsilon_lower_bound"]
+        text = f"lower bound {lb:.3g}"
+        if name in result["one_shot"]:
+            text += f"\none-shot {result['one_shot'][name]['epsilon']:.3g}"
+        ax.text(0.02, 0.97, text, transform=ax.transAxes, va="top", fontsize=8)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("score")
+        ax.legend(fontsize=7, loc="upper right")
+    axes[0][0].set_ylabel("canaries")
+    fig.suptitle(f"{result['method']} audit: reported epsilon {result['reported_epsilon']:.3g} (delta"
+                 f" {result['delta']:.2g}); lower bound {result['lower_bound']['epsilon']:.3g} at"
+                 f" {result['confidence']:.0%}: {result['verdict']}", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def verdict_line(result: dict) -> str:
+    lb = result["lower_bound"]
+    shots = ", ".join(f"{k} {v['epsilon']:.3g}" for k, v in result["one_shot"].items())
+    return (f"{result['verdict']}: reported epsilon {result['reported_epsilon']:.3g}, one-run lower bound"
+            f" {lb['epsilon']:.3g} ({lb['statistic']}, {lb['confidence']:.0%})"
+            + (f", one-shot estimate {shots}" if shots else ""))
+
+
+def main(argv: list[str]) -> int:
+    """`fedsim audit CONFIG [--method uls|els] [--canaries M] [--kind gradient|text] [--set K=V]`."""
+    from fedsim.cli import ArgumentParser, _add_config_args
+    from fedsim.config import load_config
+
+    p = ArgumentParser(prog="fedsim audit", description="Insert canary users, train as configured (one run), and"
+                       " compare what the model reveals about them with the reported epsilon.")
+    _add_config_args(p)
+    p.add_argument("--method", choices=["uls", "els"], default="uls")
+    p.add_argument("--canaries", type=int, default=None, metavar="M",
+                   help=f"canary users (default: audit.canaries, else {DEFAULT_CANARIES})")
+    p.add_argument("--kind", choices=["gradient", "text"], default=None, help="default: audit.kind")
+    args = p.parse_args(argv)
+    run_dir, result = run_audit(load_config(args.config, args.overrides), args.method, args.canaries, args.kind)
+    print(verdict_line(result))
+    print(f"audit: {run_dir / 'audit.json'}, {run_dir / 'audit.png'}")
+    return 0 if result["verdict"] == "consistent" else 1
