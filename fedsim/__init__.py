@@ -6,6 +6,7 @@ The Python API runs what the CLI runs and returns what it writes::
     summary = fedsim.run("configs/smoke.yaml", overrides=["dp.epsilon=4"])   # summary.json
     result = fedsim.compare("configs/smoke.yaml")                            # compare.json
     rows = fedsim.sweep("configs/smoke.yaml", grid={"dp.epsilon": [2, 8]}, seeds=2)  # results.json rows
+    audit = fedsim.audit("configs/smoke.yaml", method="els", canaries=500)   # audit.json
 
 `config` is a YAML path, a dict of sections, or an `ExperimentConfig`. Heavy libraries (torch,
 flwr, ray) are imported on the first call, not on `import fedsim`.
@@ -64,3 +65,13 @@ def sweep(config, grid: dict | None = None, seeds: int | None = None, methods=No
                     list(methods or base.compare.methods), out)
     first = s.config_for(cells(s.grid)[0], 0)
     return run_sweep(s, jobs or first.sweep.jobs or default_jobs(first), say)
+
+
+def audit(config, method: str = "uls", canaries: int | None = None, kind: str | None = None, overrides=(),
+          say=print) -> dict:
+    """`fedsim audit CONFIG`: one run with canary users and its privacy audit; returns audit.json's
+    content (the verdict, the one-run lower bound, the one-shot estimates) with `run_dir`."""
+    from fedsim.auditing.auditor import run_audit
+
+    _, result = run_audit(load(config, overrides), method, canaries, kind, say)
+    return result

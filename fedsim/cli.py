@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # subcommands with their own parsers take the rest of the line
     external = {"account": "fedsim.account", "lmo-search": "fedsim.lmo_search", "compare": "fedsim.comparison",
-                "report": "fedsim.report", "sweep": "fedsim.sweeps", "audit": "fedsim.audit.auditor"}
+                "report": "fedsim.report", "sweep": "fedsim.sweeps", "audit": "fedsim.auditing.auditor"}
     external["config"] = "fedsim.config_reference"
     if argv and argv[0] in external:
         import importlib

@@ -45,7 +45,7 @@ class ElsMethod:
     name, key, sign = "ELS", "step", -1.0  # the sum is of gradients: the update is its negation
 
     def __init__(self, cfg, plan, store, task, randomness):
-        from fedsim.audit.canaries import canaries_of
+        from fedsim.auditing.canaries import canaries_of
         from fedsim.sampling import PoissonSampler
         from fedsim.training.per_example import make_clipper
 
@@ -60,7 +60,7 @@ class ElsMethod:
     def clipped_sum(self, step: int, weights: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
         idx = self.sampler.sample(step)
         canary_users = None
-        if self.canaries is not None:  # split off the canary examples (fedsim/audit/canaries.py)
+        if self.canaries is not None:  # split off the canary examples (fedsim/auditing/canaries.py)
             j = self.canaries.index(self.plan.example_user[idx])
             canary_users, idx = j[j >= 0], idx[j < 0]
             canary_users = canary_users[self.included[canary_users]]

@@ -182,7 +182,7 @@ def prepare(cfg, method: str, say=print, plan=None, resume_dir: Path | None = No
         from fedsim.tensorboard_log import check_tensorboard
 
         check_tensorboard()
-    from fedsim.audit.canaries import with_canaries
+    from fedsim.auditing.canaries import with_canaries
 
     store = with_canaries(build_store(cfg.data), cfg)  # `fedsim audit`: canary users appended
     for line in report_notes(store.data_report()):  # what the data lost on the way in, once at the start

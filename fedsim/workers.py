@@ -22,7 +22,7 @@ def get_worker(cfg):
             import torch
 
             torch.set_num_threads(cfg.run.threads or 1)
-            from fedsim.audit.canaries import with_canaries
+            from fedsim.auditing.canaries import with_canaries
 
             store = with_canaries(build_store(cfg.data), cfg)  # `fedsim audit`: canary users appended
             w = CohortWorker(build_task(cfg, store, log=lambda *_: None), store, cfg)

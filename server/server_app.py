@@ -19,8 +19,8 @@ def run_server(grid: Grid, cfg, plan, task, evalset, run_dir: Path, randomness, 
     """Train `plan` with ULS over `grid`; returns the run's summary."""
     uls = cfg.uls
     present = None
-    if cfg.audit.canaries:  # `fedsim audit`: excluded canaries are never sent (fedsim/audit/canaries.py)
-        from fedsim.audit.canaries import Canaries
+    if cfg.audit.canaries:  # `fedsim audit`: excluded canaries are never sent (fedsim/auditing/canaries.py)
+        from fedsim.auditing.canaries import Canaries
 
         canaries = Canaries.from_config(cfg, plan.num_users - cfg.audit.canaries)
         included = canaries.inclusion(randomness)

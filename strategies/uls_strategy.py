@@ -72,7 +72,7 @@ class UlsStrategy(Strategy):
         self.expected_cohort = expected_cohort if expected_cohort is not None else sampling_rate * num_users
         self.sampler = PoissonSampler(num_users, sampling_rate, randomness, "uls-cohort")  # the secret cohort
         self.users_per_client, self.grid, self.timeout, self.optimizer = users_per_client, grid, timeout, optimizer
-        # `fedsim audit`: drops the canaries whose secret coin left them out (fedsim/audit/canaries.py)
+        # `fedsim audit`: drops the canaries whose secret coin left them out (fedsim/auditing/canaries.py)
         self.present = present
         self._round: dict = {}
 

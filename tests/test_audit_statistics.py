@@ -1,4 +1,4 @@
-"""fedsim.audit.statistics: the one-run lower bound (Steinke, Nasr, Jagielski 2023), the one-shot
+"""fedsim.auditing.statistics: the one-run lower bound (Steinke, Nasr, Jagielski 2023), the one-shot
 estimate (Andrew et al. 2024), exposure (Carlini et al. 2019). Checked against independent
 computations (closed forms, exact binomial sums, dp_accounting, numerical integration) and by
 simulating mechanisms whose epsilon is known."""
@@ -15,7 +15,7 @@ from dp_accounting import dp_event
 from dp_accounting.gaussian_mechanism import get_epsilon_gaussian
 from dp_accounting.pld import pld_privacy_accountant
 
-from fedsim.audit.statistics import (
+from fedsim.auditing.statistics import (
     GuessOutcome,
     OneRunAudit,
     OneShotEstimate,

@@ -151,12 +151,14 @@ def test_the_python_api_returns_what_the_cli_writes(tmp_path):
            {k: v for k, v in cli.items() if k not in volatile}
     assert fedsim.load({"run": {"rounds": 2}}).run.rounds == 2
     import fedsim.comparison  # noqa: F401 - importing the modules must not shadow the API's functions
+    import fedsim.auditing.auditor  # noqa: F401
     import fedsim.sweeps  # noqa: F401
 
-    assert all(callable(getattr(fedsim, name)) for name in ("run", "compare", "sweep", "load"))
+    assert all(callable(getattr(fedsim, name)) for name in ("run", "compare", "sweep", "audit", "load"))
 
 
-@pytest.mark.parametrize("command", ["run", "data", "account", "lmo-search", "compare", "sweep", "report", "config"])
+@pytest.mark.parametrize("command", ["run", "data", "account", "lmo-search", "compare", "sweep", "report", "config",
+                                     "audit"])
 def test_every_command_has_help(command, capsys):
     from fedsim.cli import main
 

@@ -46,7 +46,7 @@ class CohortWorker:
     """Holds one task (model built once per process) and one user store."""
 
     def __init__(self, task, store, cfg):
-        from fedsim.audit.canaries import canaries_of
+        from fedsim.auditing.canaries import canaries_of
 
         self.task, self.store, self.cfg = task, store, cfg
         self.canaries = canaries_of(store)  # `fedsim audit`: users from canaries.num_real on are canaries
@@ -72,7 +72,7 @@ class CohortWorker:
         return out
 
     def add_canary(self, out: CohortResult, user: int, global_flat: torch.Tensor, server_round: int) -> None:
-        """An audit canary's contribution, clipped like any user's (fedsim/audit/canaries.py): a
+        """An audit canary's contribution, clipped like any user's (fedsim/auditing/canaries.py): a
         gradient canary's raw update is its direction; a text canary trains on its sequence."""
         c, clip = self.canaries, self.cfg.dp.clip_norm
         if c.kind == "gradient":

@@ -1,7 +1,7 @@
 """`fedsim audit`: train as configured with canary users in the population, then ask what the
 released model and updates reveal about them (docs/architecture.md, "Auditing").
 
-One run. Canaries (`fedsim/audit/canaries.py`) are included by secret fair coins; the
+One run. Canaries (`fedsim/auditing/canaries.py`) are included by secret fair coins; the
 `CanaryObserver` sees only what an adversary of each threat model sees: the initial and final
 trainable weights ("final model"), and every released update ("all iterates"). From those it
 scores every canary, without the coins, by statistics fixed in advance:
@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsim.audit.canaries import Canaries
+from fedsim.auditing.canaries import Canaries
 from fedsim.errors import ConfigError
 
 #: the statistics every audit of gradient canaries computes (cohort-known is added on request)
@@ -76,7 +76,7 @@ class CanaryObserver:
                                   " of directions: lower --canaries")
             self.directions = c.directions(d)  # [m, d] unit rows
         else:
-            from fedsim.audit.canaries import sequence_losses
+            from fedsim.auditing.canaries import sequence_losses
 
             self.texts = [c.text(j) for j in range(c.count)]
             self.references = c.reference_texts(task.cfg.audit.references)
@@ -100,7 +100,7 @@ class CanaryObserver:
             delta = task.flat.get().detach().to("cpu", torch.float32) - self.start_weights
             self.final_cos = (self.directions @ delta).double().numpy() / max(float(delta.double().norm()), 1e-30)
         else:
-            from fedsim.audit.canaries import sequence_losses
+            from fedsim.auditing.canaries import sequence_losses
 
             self.loss_after = sequence_losses(task, self.texts)
             self.reference_losses = sequence_losses(task, self.references)
@@ -188,7 +188,7 @@ def run_audit(cfg, method: str = "ULS", canaries: int | None = None, kind: str |
     if cfg.dp.epsilon is None or cfg.dp.noise_multiplier == 0:
         raise ConfigError("an audit needs a private run: dp.epsilon is unset or dp.noise_multiplier is 0")
     broken = sabotage.active_kinds()
-    if broken and cfg.simulation.backend != "inprocess":
+    if broken and method == "ULS" and cfg.simulation.backend != "inprocess":
         raise ConfigError("a sabotaged mechanism exists only in this process: audit it with simulation.backend=inprocess")
     from fedsim.data import build_store
 
@@ -207,7 +207,7 @@ def run_audit(cfg, method: str = "ULS", canaries: int | None = None, kind: str |
 
 def evaluate(observer: CanaryObserver, summary: dict, cfg, cohorts=None) -> dict:
     """audit.json's content: the estimates against the reported epsilon, and the verdict."""
-    from fedsim.audit import statistics as st
+    from fedsim.auditing import statistics as st
 
     included, delta = observer.included, float(summary["delta"])
     reported = float(summary["epsilon"])

@@ -51,7 +51,7 @@ class Canaries:
     examples: int  # examples per canary user (els.k: the user-level group size)
 
     @classmethod
-    def from_config(cls, cfg, num_real: int) -> "Canaries":
+    def from_config(cls, cfg, num_real: int) -> Canaries:
         a = cfg.audit
         return cls(num_real=int(num_real), count=int(a.canaries), kind=a.kind, norm=float(a.canary_norm),
                    seed=int(a.seed), examples=int(cfg.els.k))

@@ -1,1 +1,0 @@
-"""Empirical privacy auditing with canaries: the statistics live in `fedsim.audit.statistics`."""

@@ -1,0 +1,1 @@
+"""Empirical privacy auditing with canaries: the statistics live in `fedsim.auditing.statistics`."""

@@ -1,0 +1,191 @@
+"""`fedsim audit`: canaries in one run, the one-run lower bound against the reported epsilon.
+
+A correct mechanism is "consistent" whatever the seed (the bound holds at 95%: these runs are
+far from the edge), and each deliberately broken one (fedsim/privacy/sabotage.py) is flagged.
+Small runs: the smoke model, 20 real users, epsilon 1, delta 1e-6, in-process.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsim.auditing.auditor import run_audit
+from fedsim.config import load_config
+from fedsim.privacy import sabotage
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = lambda *a, **k: None
+
+#: q = 0.5 for 10 rounds / steps (ELS: 20 users x k 2 = 40 kept examples, batch 20)
+DENSE = ["run.rounds=10", "uls.expected_cohort=10", "els.steps=10", "els.expected_batch=20"]
+#: q = 0.01 for 100 rounds / steps: subsampling amplifies a lot, so knowing the cohorts breaks it
+SPARSE = ["run.rounds=100", "uls.expected_cohort=0.2", "els.steps=100", "els.expected_batch=0.4"]
+
+
+def audit_cfg(tmp_path, shape, *extra):
+    return load_config(ROOT / "configs" / "smoke.yaml", [
+        f"run.output_dir={tmp_path}", "dp.epsilon=1", "dp.delta=1e-6", "els.k=2", "run.eval_every=1000",
+        "els.eval_every=1000", *shape, *extra])
+
+
+@pytest.mark.parametrize("method", ["ULS", "ELS"])
+@pytest.mark.parametrize("shape", [DENSE, SPARSE], ids=["dense", "sparse"])
+def test_a_correct_mechanism_is_consistent_over_seeds(tmp_path, method, shape):
+    """Secure mode: fresh OS-entropy keys, so every repetition has new coins, cohorts and noise;
+    the auditor also tries regenerating the cohorts from run.seed, which a secure key defeats."""
+    for seed in range(3):
+        cfg = audit_cfg(tmp_path, shape, "dp.reproducible=false", f"run.seed={seed}")
+        _, result = run_audit(cfg, method, canaries=500, say=QUIET, auditor_knows_sampling=True)
+        assert result["verdict"] == "consistent", result["lower_bound"]
+        assert result["lower_bound"]["epsilon"] <= result["reported_epsilon"] <= 1.0
+        assert set(result["lower_bound"]["by_statistic"]) == {"final-model", "all-iterates", "differenced",
+                                                               "cohort-known"}
+
+
+@pytest.mark.parametrize("method", ["ULS", "ELS"])
+@pytest.mark.parametrize("kind, statistic", [("no-clip", "final-model"), ("weak-noise", "final-model"),
+                                             ("reused-noise", "differenced")])
+def test_each_broken_mechanism_is_flagged(tmp_path, method, kind, statistic):
+    cfg = audit_cfg(tmp_path, DENSE)
+    with sabotage.sabotaged(kind):
+        run_dir, result = run_audit(cfg, method, canaries=500, say=QUIET)
+    assert result["verdict"] == "VIOLATION"
+    assert result["sabotage"] == [kind]
+    by = result["lower_bound"]["by_statistic"]
+    assert by[statistic]["epsilon_lower_bound"] > 2 * result["reported_epsilon"], by
+    # the run's own records still state the calibrated noise: only the audit can tell
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["noise"] == result["noise"] and summary["epsilon"] == result["reported_epsilon"]
+
+
+@pytest.mark.parametrize("method", ["ULS", "ELS"])
+def test_a_leaked_sampling_key_is_flagged(tmp_path, method):
+    """dp.reproducible: the key is a function of run.seed, so the auditor regenerates who was
+    sampled when; without that knowledge the same run is consistent."""
+    cfg = audit_cfg(tmp_path, SPARSE, "dp.reproducible=true")
+    _, result = run_audit(cfg, method, canaries=1000, say=QUIET, auditor_knows_sampling=True)
+    by = result["lower_bound"]["by_statistic"]
+    assert result["verdict"] == "VIOLATION" and result["lower_bound"]["statistic"] == "cohort-known", by
+    assert max(v["epsilon_lower_bound"] for k, v in by.items() if k != "cohort-known") <= result["reported_epsilon"]
+
+
+def test_sabotage_is_reachable_from_python_only(tmp_path, capsys):
+    from fedsim.cli import main
+    from fedsim.config import path_keys
+
+    keys = [".".join(k) for k in path_keys()]
+    assert not [k for k in keys if "sabot" in k or "broken" in k]
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    assert "sabot" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown sabotage"), sabotage.sabotaged("no-noise"):
+        pass
+    cfg = audit_cfg(tmp_path, DENSE, "simulation.backend=ray")
+    # a Ray worker would never see the switch
+    with sabotage.sabotaged("no-clip"), pytest.raises(Exception, match="inprocess"):
+        run_audit(cfg, "ULS", canaries=10, say=QUIET)
+    assert not sabotage.active_kinds() and not list(Path(tmp_path).iterdir())
+
+
+def test_canaries_never_count_toward_the_real_users(tmp_path):
+    from fedsim.loop import run
+
+    cfg = audit_cfg(tmp_path, DENSE)
+    run_dir, result = run_audit(cfg, "ULS", canaries=300, say=QUIET)
+    _, plain = run(audit_cfg(tmp_path, DENSE), "ULS", QUIET)
+    assert result["eval_loss_before"] == plain["eval_loss_before"]  # the same evaluation set
+    rows = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()[1:]]
+    rows = [r for r in rows if "users" in r]
+    assert rows and all(r["users"] <= 20 for r in rows)  # 20 real users
+    assert sum(r["canaries"] for r in rows) > 0
+    assert sum(r["examples"] for r in rows) == json.loads((run_dir / "summary.json").read_text())["compute_examples"]
+    # q is the configured run's: expected cohort scaled by (users + canaries) / users
+    assert result["q"] == pytest.approx(0.5) and result["canaries"]["canaries"] == 300
+    assert result["canaries"]["included"] + result["canaries"]["held_out"] == 300
+
+
+def test_cli_writes_audit_json_and_png_and_prints_a_verdict(tmp_path, capsys):
+    from fedsim.cli import main
+
+    args = [f"run.output_dir={tmp_path}", "dp.epsilon=1", "dp.delta=1e-6", *DENSE]
+    code = main(["audit", str(ROOT / "configs" / "smoke.yaml"), "--canaries", "200",
+                 *[a for s in args for a in ("--set", s)]])
+    out = capsys.readouterr().out
+    assert code == 0 and "\nconsistent: reported epsilon" in out
+    (run_dir,) = [p for p in Path(tmp_path).iterdir() if p.is_dir()]
+    result = json.loads((run_dir / "audit.json").read_text())
+    assert result["verdict"] == "consistent" and len(result["included"]) == 200
+    assert {"final-model", "all-iterates"} <= set(result["one_shot"])
+    assert "epsilon_cost" in result and result["sabotage"] == []
+    assert (run_dir / "audit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_exit_code_is_1_on_a_violation(tmp_path, capsys):
+    from fedsim.cli import main
+
+    args = [f"run.output_dir={tmp_path}", "dp.epsilon=1", "dp.delta=1e-6", *DENSE]
+    with sabotage.sabotaged("weak-noise"):
+        code = main(["audit", str(ROOT / "configs" / "smoke.yaml"), "--canaries", "400",
+                     *[a for s in args for a in ("--set", s)]])
+    assert code == 1 and "\nVIOLATION: reported epsilon" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--set", "audit.canaries=10"], "only by `fedsim audit`"),
+    (["audit", "--canaries", "1"], "at least 2 canaries"),
+    (["audit", "--set", "dp.epsilon=null"], "needs a private run"),
+])
+def test_bad_audit_requests_are_one_line_errors_and_leave_nothing(tmp_path, capsys, argv, needle):
+    from fedsim.cli import main
+
+    cmd, rest = argv[0], argv[1:]
+    code = main([cmd, str(ROOT / "configs" / "smoke.yaml"), "--set", f"run.output_dir={tmp_path}", *rest])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err
+    assert not list(Path(tmp_path).iterdir())
+
+
+def test_text_canaries_are_scored_by_exposure(tmp_path):
+    """Black-box canaries: the tiny model memorises little in a few rounds, so the broken run
+    (noise 10x weaker) also trains longer (5 local epochs, 30 rounds) for the sequences to show."""
+    learn = ["uls.local_epochs=5", "run.rounds=30"]
+    with sabotage.sabotaged("weak-noise"):
+        _, broken = run_audit(audit_cfg(tmp_path, DENSE, *learn), "ULS", canaries=100, kind="text", say=QUIET)
+    _, sound = run_audit(audit_cfg(tmp_path, DENSE), "ULS", canaries=100, kind="text", say=QUIET)
+    for r in (broken, sound):
+        assert set(r["scores"]) == {"final-model"} and r["exposure"]["references"] == 2000
+        assert 0 <= r["exposure"]["held_out_mean"] <= r["exposure"]["max_possible"]
+        assert r["one_shot"] == {}  # the one-shot estimate is for gradient canaries
+    assert sound["verdict"] == "consistent"
+    assert broken["exposure"]["included_mean"] > broken["exposure"]["held_out_mean"] + 0.5
+
+
+def test_the_python_api_returns_audit_json(tmp_path):
+    import fedsim
+
+    result = fedsim.audit(str(ROOT / "configs" / "smoke.yaml"), method="els", canaries=100,
+                          overrides=[f"run.output_dir={tmp_path}", "dp.epsilon=1", "dp.delta=1e-6", *DENSE],
+                          say=QUIET)
+    on_disk = json.loads((Path(result["run_dir"]) / "audit.json").read_text())
+    assert on_disk["verdict"] == result["verdict"] == "consistent" and on_disk["method"] == "ELS"
+
+
+def test_inclusion_coins_are_secret_and_fair():
+    from fedsim.auditing.canaries import Canaries
+    from fedsim.privacy.randomness import SecretRandomness
+
+    c = Canaries(num_real=5, count=20000, kind="gradient", norm=10.0, seed=0, examples=2)
+    a, b = c.inclusion(SecretRandomness.secure()), c.inclusion(SecretRandomness.secure())
+    assert abs(a.mean() - 0.5) < 0.02 and (a != b).mean() > 0.45  # fresh per key
+    assert np.array_equal(c.inclusion(SecretRandomness.from_seed(3)), c.inclusion(SecretRandomness.from_seed(3)))
+    d = c.directions(64, 0, 3)
+    assert torch_allclose(d.norm(dim=1), 1.0) and torch_allclose(c.direction(1, 64), d[1])
+    assert c.text(0) != c.text(1) and c.text(0).startswith("my secret code is ")
+
+
+def torch_allclose(x, value) -> bool:
+    import torch
+
+    return bool(torch.allclose(x, torch.as_tensor(value, dtype=x.dtype).expand_as(x), atol=1e-6))
