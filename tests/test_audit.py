@@ -189,3 +189,42 @@ def torch_allclose(x, value) -> bool:
     import torch
 
     return bool(torch.allclose(x, torch.as_tensor(value, dtype=x.dtype).expand_as(x), atol=1e-6))
+
+
+def mean_cfg(tmp_path, *extra):
+    return load_config(ROOT / "configs" / "mean_estimation.yaml", [
+        f"run.output_dir={tmp_path}", "dp.epsilon=1", "data.num_users=200", "run.rounds=20", "els.k=4",
+        "els.expected_batch=20", "els.steps=40", "uls.expected_cohort=20", *extra])
+
+
+@pytest.mark.parametrize("method", ["ULS", "ELS"])
+def test_the_mean_estimation_task_is_audited_through_the_same_loop(tmp_path, method):
+    _, sound = run_audit(mean_cfg(tmp_path, "dp.reproducible=false"), method, canaries=400, say=QUIET,
+                         task="mean-estimation")
+    assert sound["verdict"] == "consistent" and sound["task"] == "mean-estimation"
+    assert sound["eval_loss_after"] < sound["eval_loss_before"] == 0.5  # it learns the mean (w starts at 0)
+    with sabotage.sabotaged("weak-noise"):
+        _, broken = run_audit(mean_cfg(tmp_path, "mean_estimation.dim=256"), method, canaries=400, say=QUIET,
+                              task="mean-estimation")
+    assert broken["verdict"] == "VIOLATION", broken["lower_bound"]
+
+
+def test_mean_estimation_runs_record_the_plan_and_refuse_text_canaries(tmp_path):
+    from fedsim.errors import ConfigError
+    from fedsim.mean_estimation_run import run_mean_estimation
+    from fedsim.privacy.ledger import PrivacyLedger
+
+    run_dir, summary = run_mean_estimation(mean_cfg(tmp_path), "ELS", QUIET)
+    assert summary["steps"] == 40 and len(PrivacyLedger(run_dir / "privacy_ledger.jsonl")) == 40
+    assert summary["epsilon"] <= 1.0 and summary["eval_loss_after"] < 0.5
+    with pytest.raises(ConfigError, match="gradient canaries only"):
+        run_audit(mean_cfg(tmp_path), "ULS", canaries=10, kind="text", say=QUIET, task="mean-estimation")
+
+
+def test_an_els_audit_keeps_the_configured_steps_and_sampling_rate(tmp_path):
+    from fedsim.loop import prepare
+
+    cfg = audit_cfg(tmp_path, ["els.expected_batch=20"], "els.steps=null")  # steps from the matched compute
+    _, _, plain = prepare(cfg, "ELS", QUIET)
+    _, result = run_audit(cfg, "ELS", canaries=100, say=QUIET)
+    assert result["steps"] == plain.steps and result["q"] == pytest.approx(plain.q, rel=1e-12)

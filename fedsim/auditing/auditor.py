@@ -151,10 +151,24 @@ def regenerate_cohorts(cfg, plan, canaries: Canaries, steps: list[int]) -> np.nd
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def audit_config(cfg, method: str, canaries: int | None = None, kind: str | None = None):
-    """The config of the audit run: canaries set, the sampling rate of the configured run kept."""
+TASKS = ("lm", "mean-estimation")
+
+
+def real_store(cfg, task: str):
+    """The configured population, without canaries."""
+    if task == "mean-estimation":
+        from fedsim.mean_estimation_run import build_vector_store
+
+        return build_vector_store(cfg)[0]
     from fedsim.data import build_store
-    from fedsim.plan import kept_examples
+
+    return build_store(cfg.data)
+
+
+def audit_config(cfg, method: str, canaries: int | None = None, kind: str | None = None, task: str = "lm"):
+    """The config of the audit run: canaries set; the configured run's sampling rate q, rounds and
+    ELS steps kept (the expected cohort / batch, the public denominators, scale with the population)."""
+    from fedsim.plan import kept_examples, plan_compute
 
     m = int(canaries or cfg.audit.canaries or DEFAULT_CANARIES)
     if m < 2:
@@ -163,43 +177,55 @@ def audit_config(cfg, method: str, canaries: int | None = None, kind: str | None
     new.audit.canaries = m
     if kind is not None:
         new.audit.kind = kind
-    store = build_store(cfg.data)
+    if task == "mean-estimation" and new.audit.kind != "gradient":
+        raise ConfigError("the mean-estimation task has gradient canaries only (audit.kind: gradient)")
+    store = real_store(cfg, task)
     n = store.num_users
     if method == "ULS" and cfg.uls.sampling_rate is None:  # same q = expected_cohort / N over N + m users
         new.uls.expected_cohort = cfg.uls.expected_cohort * (n + m) / n
-    if method == "ELS" and cfg.els.sampling_rate is None:  # same q over the kept examples and the canaries'
-        kept = kept_examples(store.train_example_counts(), cfg.els.k, cfg.run.seed)[0].size
-        new.els.expected_batch = cfg.els.expected_batch * (kept + m * cfg.els.k) / kept
+    if method == "ELS":
+        new.els.steps = cfg.els.steps or plan_compute(cfg, store).els_steps  # the configured run's steps
+        if cfg.els.sampling_rate is None:  # same q over the kept examples and the canaries'
+            kept = kept_examples(store.train_example_counts(), cfg.els.k, cfg.run.seed)[0].size
+            new.els.expected_batch = cfg.els.expected_batch * (kept + m * cfg.els.k) / kept
     new.run.name = f"{cfg.run.name}-audit-{method.lower()}"
-    return new
+    return new, n
 
 
 def run_audit(cfg, method: str = "ULS", canaries: int | None = None, kind: str | None = None, say=print,
-              auditor_knows_sampling: bool = False) -> tuple[Path, dict]:
+              auditor_knows_sampling: bool = False, task: str = "lm") -> tuple[Path, dict]:
     """Run `cfg` with canaries and audit it; returns (run directory, audit.json's content).
-    `auditor_knows_sampling`: also score with the cohorts regenerated from run.seed (the self-test
-    of a leaked sampling key; meaningful only with dp.reproducible: true)."""
-    from fedsim.loop import run
+    `task`: "lm" (the config's language model, ULS on Flower) or "mean-estimation" (the synthetic
+    task of `mean_estimation:` through the same loop). `auditor_knows_sampling`: also score with
+    the cohorts regenerated from run.seed (the self-test of a leaked sampling key; meaningful only
+    with dp.reproducible: true)."""
     from fedsim.privacy import sabotage
 
     method = method.upper()
     if method not in ("ULS", "ELS"):
         raise ConfigError(f"--method must be uls or els, got {method.lower()!r}")
+    if task not in TASKS:
+        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if cfg.dp.epsilon is None or cfg.dp.noise_multiplier == 0:
         raise ConfigError("an audit needs a private run: dp.epsilon is unset or dp.noise_multiplier is 0")
     broken = sabotage.active_kinds()
-    if broken and method == "ULS" and cfg.simulation.backend != "inprocess":
+    if broken and task == "lm" and method == "ULS" and cfg.simulation.backend != "inprocess":
         raise ConfigError("a sabotaged mechanism exists only in this process: audit it with simulation.backend=inprocess")
-    from fedsim.data import build_store
-
-    acfg = audit_config(cfg, method, canaries, kind)
+    acfg, num_real = audit_config(cfg, method, canaries, kind, task)
     t0 = time.time()
-    spec = Canaries.from_config(acfg, build_store(cfg.data).num_users)
-    observer = CanaryObserver(spec)
-    run_dir, summary = run(acfg, method, say, observer=observer)
-    cohorts = regenerate_cohorts(acfg, observer.plan, spec, observer.steps) if auditor_knows_sampling else None
+    observer = CanaryObserver(Canaries.from_config(acfg, num_real))
+    if task == "mean-estimation":
+        from fedsim.mean_estimation_run import run_mean_estimation
+
+        run_dir, summary = run_mean_estimation(acfg, method, say, observer=observer)
+    else:
+        from fedsim.loop import run
+
+        run_dir, summary = run(acfg, method, say, observer=observer)
+    cohorts = regenerate_cohorts(acfg, observer.plan, observer.canaries, observer.steps) if auditor_knows_sampling \
+        else None
     result = evaluate(observer, summary, acfg, cohorts)
-    result.update(method=method, run_dir=str(run_dir), sabotage=broken, wall_time_s=time.time() - t0,
+    result.update(method=method, task=task, run_dir=str(run_dir), sabotage=broken, wall_time_s=time.time() - t0,
                   run_wall_time_s=summary.get("wall_time_s"), auditor_knows_sampling=auditor_knows_sampling)
     write_audit(run_dir, result)
     return run_dir, result
@@ -308,7 +334,8 @@ def verdict_line(result: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """`fedsim audit CONFIG [--method uls|els] [--canaries M] [--kind gradient|text] [--set K=V]`."""
+    """`fedsim audit CONFIG [--method uls|els] [--canaries M] [--kind gradient|text] [--task lm|mean-estimation]
+    [--set K=V]`."""
     from fedsim.cli import ArgumentParser, _add_config_args
     from fedsim.config import load_config
 
@@ -319,8 +346,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--canaries", type=int, default=None, metavar="M",
                    help=f"canary users (default: audit.canaries, else {DEFAULT_CANARIES})")
     p.add_argument("--kind", choices=["gradient", "text"], default=None, help="default: audit.kind")
+    p.add_argument("--task", choices=TASKS, default="lm",
+                   help="lm: the config's language model (default); mean-estimation: the synthetic task of its"
+                        " mean_estimation section (configs/mean_estimation.yaml), through the same training loop")
     args = p.parse_args(argv)
-    run_dir, result = run_audit(load_config(args.config, args.overrides), args.method, args.canaries, args.kind)
+    run_dir, result = run_audit(load_config(args.config, args.overrides), args.method, args.canaries, args.kind,
+                                task=args.task)
     print(verdict_line(result))
     print(f"audit: {run_dir / 'audit.json'}, {run_dir / 'audit.png'}")
     return 0 if result["verdict"] == "consistent" else 1
