@@ -162,6 +162,15 @@ def test_text_canaries_are_scored_by_exposure(tmp_path):
     assert broken["exposure"]["included_mean"] > broken["exposure"]["held_out_mean"] + 0.5
 
 
+def test_els_text_canaries_train_through_the_per_example_clip(tmp_path):
+    _, r = run_audit(audit_cfg(tmp_path, DENSE), "ELS", canaries=60, kind="text", say=QUIET)
+    assert r["verdict"] == "consistent" and r["canaries"]["examples_per_canary"] == 2
+    assert len(r["scores"]["final-model"]) == 60 and r["exposure"]["included_mean"] is not None
+    rows = [json.loads(line) for line in (Path(r["run_dir"]) / "diagnostics.jsonl").read_text().splitlines()[1:]]
+    assert sum(row.get("canary_examples", 0) for row in rows) > 0
+    assert all(row["batch"] <= 40 for row in rows if "batch" in row)  # 20 users x k=2 real kept examples
+
+
 def test_the_python_api_returns_audit_json(tmp_path):
     import fedsim
 
