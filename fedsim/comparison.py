@@ -147,6 +147,9 @@ def run_compare(cfg, say=print, resume_dir: Path | None = None, out_dir: Path | 
     from fedsim.plan import mechanism_class, plan_compute, plan_els, plan_uls
     from fedsim.rundir import RunWriter, create_run_dir
 
+    from fedsim.auditing.canaries import refuse_canaries
+
+    refuse_canaries(cfg, "compare")  # before the comparison directory exists
     t0 = time.time()
     if cfg.dp.noise_multiplier is not None:  # each method gets its own sigma for the shared budget
         say(f"note: dp.noise_multiplier={cfg.dp.noise_multiplier:g} is ignored; both methods are calibrated to dp.epsilon")

@@ -44,7 +44,11 @@ def train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, s
 
         scalars = TensorBoardScalars(run_dir, method.key)
     try:  # a first SIGINT/SIGTERM now stops after the round/step (fedsim/interrupt.py)
-        with interrupt.resumable(f"fedsim run --resume {run_dir}"), interrupt.deferred():
+        # an audit is never resumed (a secure resume would draw new inclusion coins): no resume hint
+        import contextlib
+
+        resumable = interrupt.resumable(f"fedsim run --resume {run_dir}") if observer is None else contextlib.nullcontext()
+        with resumable, interrupt.deferred():
             return _train(cfg, plan, task, evalset, method, run_dir, randomness, say, resume, eval_every,
                           RunWriter(run_dir, scalars), observer)
     finally:
@@ -163,6 +167,10 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
         "time_per_step_s": wall / max(done, 1), **method.summary(ledger, plan, done),
         "eval_set": "held-out examples of the training users (a simulation diagnostic)",
         "warnings": list(plan.warnings) + ([diverged] if diverged else [])}
+    from fedsim.privacy import sabotage
+
+    if sabotage.active_kinds():  # the audit's self-test: this run's mechanism was broken on purpose
+        summary["sabotage"] = sabotage.active_kinds()
     writer.write_json("summary.json", summary)
     return summary
 
@@ -214,13 +222,16 @@ def run(cfg, method: str = "ULS", say=print, *, plan=None, run_dir: Path | None 
     from fedsim.data import eval_examples
     from fedsim.privacy.randomness import SecretRandomness
     from fedsim.rundir import create_run_dir
-
     from fedsim.simulate import quiet_logs
 
     method = method.upper()
-    if cfg.audit.canaries and observer is None:  # a canary changes the population: only an audit may add them
-        raise FedsimError(f"audit.canaries={cfg.audit.canaries}: canary users are inserted only by `fedsim audit`"
-                          " (set audit.canaries=0 to run, compare or sweep)")
+    if observer is None:  # canaries and the sabotage switches belong to `fedsim audit` alone
+        from fedsim.auditing.canaries import refuse_canaries
+        from fedsim.privacy import sabotage
+
+        refuse_canaries(cfg, "run, compare or sweep")
+        if sabotage.active_kinds():
+            raise FedsimError(f"the sabotage switches {sabotage.active_kinds()} are for `fedsim audit`'s self-test only")
     quiet_logs(cfg.simulation.verbose)  # before the model is built: library notices are not for the user
     # One intra-op thread unless asked: the tiny per-user batches gain nothing from more, and
     # OpenMP threads spinning beside Ray actors (which Ray pins to 1 thread) slowed rounds ~50x.
@@ -228,7 +239,9 @@ def run(cfg, method: str = "ULS", say=print, *, plan=None, run_dir: Path | None 
     store, task, plan = prepare(cfg, method, say, plan, run_dir if resume else None)
     run_dir = Path(run_dir) if run_dir is not None else create_run_dir(cfg)
     say(f"run directory: {run_dir}")
-    evalset = eval_examples(store, cfg.run.eval_examples, cfg.data.seed)
+    from fedsim.auditing.canaries import real_users
+
+    evalset = eval_examples(real_users(store), cfg.run.eval_examples, cfg.data.seed)  # never a canary's
     # every secret draw (sample, noise) of this process: a fresh OS-entropy key unless reproducible
     randomness = SecretRandomness.for_run(cfg.dp.reproducible, cfg.run.seed)
     say(f"{method}: {plan.num_users} users, q={plan.q:.4g}, {plan.denominator_name.replace('_', ' ')}"

@@ -322,6 +322,9 @@ def start_sweep(config_path: str, overrides: list[str], grid: dict[str, list], s
     from fedsim.rundir import atomic_write_text, config_yaml, create_run_dir
 
     base = load_config(config_path, overrides)
+    from fedsim.auditing.canaries import refuse_canaries
+
+    refuse_canaries(base, "sweep")  # before the sweep directory exists
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     unknown = [m for m in methods if m not in METHOD_LABELS]

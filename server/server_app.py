@@ -24,7 +24,9 @@ def run_server(grid: Grid, cfg, plan, task, evalset, run_dir: Path, randomness, 
 
         canaries = Canaries.from_config(cfg, plan.num_users - cfg.audit.canaries)
         included = canaries.inclusion(randomness)
-        present = lambda cohort: canaries.present(cohort, included)  # noqa: E731
+        def present(cohort):  # the sample without held-out canaries, and its real users' count
+            kept = canaries.present(cohort, included)
+            return kept, int((kept < canaries.num_real).sum())
     strategy = UlsStrategy(num_users=plan.num_users, dimension=task.flat.numel, sampling_rate=plan.q,
                            clip_norm=plan.mechanism.clip_norm, randomness=randomness,
                            users_per_client=uls.users_per_client, expected_cohort=uls.expected_cohort, grid=grid,

@@ -95,12 +95,13 @@ class UlsStrategy(Strategy):
     # -- training ------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         cohort = self.sampler.sample(server_round)
-        if self.present is not None:
-            cohort = self.present(cohort)
+        real = len(cohort)
+        if self.present is not None:  # `fedsim audit`: (users and included canaries, how many are users)
+            cohort, real = self.present(cohort)
         node_ids = sorted(grid.get_node_ids())
         buckets = math.ceil(self.expected_cohort / self.users_per_client)
         groups = assign_users_to_nodes(cohort, node_ids, self.users_per_client, buckets)
-        self._round = {"cohort": len(cohort), "messages": len(groups)}
+        self._round = {"cohort": real, "messages": len(groups)}
         messages = []
         for node_id, key, users in groups:
             cfg = ConfigRecord({**dict(config), "server-round": server_round, "user-ids": users, "message-key": key})

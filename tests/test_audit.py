@@ -34,14 +34,15 @@ def audit_cfg(tmp_path, shape, *extra):
 @pytest.mark.parametrize("shape", [DENSE, SPARSE], ids=["dense", "sparse"])
 def test_a_correct_mechanism_is_consistent_over_seeds(tmp_path, method, shape):
     """Secure mode: fresh OS-entropy keys, so every repetition has new coins, cohorts and noise;
-    the auditor also tries regenerating the cohorts from run.seed, which a secure key defeats."""
-    for seed in range(3):
+    the auditor also tries regenerating the cohorts and noise from run.seed, which a secure key
+    defeats. Three seeds of the dense shape, two of the sparse one (100 rounds each)."""
+    for seed in range(3 if shape is DENSE else 2):
         cfg = audit_cfg(tmp_path, shape, "dp.reproducible=false", f"run.seed={seed}")
         _, result = run_audit(cfg, method, canaries=500, say=QUIET, auditor_knows_sampling=True)
         assert result["verdict"] == "consistent", result["lower_bound"]
         assert result["lower_bound"]["epsilon"] <= result["reported_epsilon"] <= 1.0
         assert set(result["lower_bound"]["by_statistic"]) == {"final-model", "all-iterates", "differenced",
-                                                               "cohort-known"}
+                                                               "cohort-known", "noise-known"}
 
 
 @pytest.mark.parametrize("method", ["ULS", "ELS"])
@@ -49,8 +50,8 @@ def test_a_correct_mechanism_is_consistent_over_seeds(tmp_path, method, shape):
                                              ("reused-noise", "differenced")])
 def test_each_broken_mechanism_is_flagged(tmp_path, method, kind, statistic):
     cfg = audit_cfg(tmp_path, DENSE)
-    with sabotage.sabotaged(kind):
-        run_dir, result = run_audit(cfg, method, canaries=500, say=QUIET)
+    with sabotage.sabotaged(kind):  # reproducible (deterministic); the auditor does not use the key
+        run_dir, result = run_audit(cfg, method, canaries=500, say=QUIET, auditor_knows_sampling=False)
     assert result["verdict"] == "VIOLATION"
     assert result["sabotage"] == [kind]
     by = result["lower_bound"]["by_statistic"]
@@ -63,12 +64,16 @@ def test_each_broken_mechanism_is_flagged(tmp_path, method, kind, statistic):
 @pytest.mark.parametrize("method", ["ULS", "ELS"])
 def test_a_leaked_sampling_key_is_flagged(tmp_path, method):
     """dp.reproducible: the key is a function of run.seed, so the auditor regenerates who was
-    sampled when; without that knowledge the same run is consistent."""
+    sampled when, and each release's noise; without that knowledge the same run is consistent.
+    (The default: an audit of a reproducible run uses the key, as anyone could.)"""
     cfg = audit_cfg(tmp_path, SPARSE, "dp.reproducible=true")
-    _, result = run_audit(cfg, method, canaries=1000, say=QUIET, auditor_knows_sampling=True)
+    _, result = run_audit(cfg, method, canaries=1000, say=QUIET)
     by = result["lower_bound"]["by_statistic"]
-    assert result["verdict"] == "VIOLATION" and result["lower_bound"]["statistic"] == "cohort-known", by
-    assert max(v["epsilon_lower_bound"] for k, v in by.items() if k != "cohort-known") <= result["reported_epsilon"]
+    assert result["verdict"] == "VIOLATION" and result["auditor_knows_sampling"], by
+    assert by["cohort-known"]["epsilon_lower_bound"] > result["reported_epsilon"], by
+    assert by["noise-known"]["epsilon_lower_bound"] > 2 * result["reported_epsilon"], by
+    # blind to the key, the same statistics find nothing (the secure-mode runs above: consistent)
+    assert max(v["epsilon_lower_bound"] for k, v in by.items() if not k.endswith("-known")) <= 1.0
 
 
 def test_sabotage_is_reachable_from_python_only(tmp_path, capsys):
@@ -95,10 +100,10 @@ def test_canaries_never_count_toward_the_real_users(tmp_path):
     cfg = audit_cfg(tmp_path, DENSE)
     run_dir, result = run_audit(cfg, "ULS", canaries=300, say=QUIET)
     _, plain = run(audit_cfg(tmp_path, DENSE), "ULS", QUIET)
-    assert result["eval_loss_before"] == plain["eval_loss_before"]  # the same evaluation set
+    assert result["diagnostics"]["eval_loss_before"] == plain["eval_loss_before"]  # the same evaluation set
     rows = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()[1:]]
     rows = [r for r in rows if "users" in r]
-    assert rows and all(r["users"] <= 20 for r in rows)  # 20 real users
+    assert rows and all(r["users"] <= r["cohort"] <= 20 for r in rows)  # 20 real users: canaries are not counted
     assert sum(r["canaries"] for r in rows) > 0
     assert sum(r["examples"] for r in rows) == json.loads((run_dir / "summary.json").read_text())["compute_examples"]
     # q is the configured run's: expected cohort scaled by (users + canaries) / users
@@ -109,7 +114,7 @@ def test_canaries_never_count_toward_the_real_users(tmp_path):
 def test_cli_writes_audit_json_and_png_and_prints_a_verdict(tmp_path, capsys):
     from fedsim.cli import main
 
-    args = [f"run.output_dir={tmp_path}", "dp.epsilon=1", "dp.delta=1e-6", *DENSE]
+    args = [f"run.output_dir={tmp_path}", "dp.epsilon=1", "dp.delta=1e-6", "dp.reproducible=false", *DENSE]
     code = main(["audit", str(ROOT / "configs" / "smoke.yaml"), "--canaries", "200",
                  *[a for s in args for a in ("--set", s)]])
     out = capsys.readouterr().out
@@ -125,7 +130,7 @@ def test_cli_writes_audit_json_and_png_and_prints_a_verdict(tmp_path, capsys):
 def test_cli_exit_code_is_1_on_a_violation(tmp_path, capsys):
     from fedsim.cli import main
 
-    args = [f"run.output_dir={tmp_path}", "dp.epsilon=1", "dp.delta=1e-6", *DENSE]
+    args = [f"run.output_dir={tmp_path}", "dp.epsilon=1", "dp.delta=1e-6", "dp.reproducible=false", *DENSE]
     with sabotage.sabotaged("weak-noise"):
         code = main(["audit", str(ROOT / "configs" / "smoke.yaml"), "--canaries", "400",
                      *[a for s in args for a in ("--set", s)]])
@@ -153,6 +158,7 @@ def test_text_canaries_are_scored_by_exposure(tmp_path):
     learn = ["uls.local_epochs=5", "run.rounds=30"]
     with sabotage.sabotaged("weak-noise"):
         _, broken = run_audit(audit_cfg(tmp_path, DENSE, *learn), "ULS", canaries=100, kind="text", say=QUIET)
+    assert broken["sabotage"] == ["weak-noise"]
     _, sound = run_audit(audit_cfg(tmp_path, DENSE), "ULS", canaries=100, kind="text", say=QUIET)
     for r in (broken, sound):
         assert set(r["scores"]) == {"final-model"} and r["exposure"]["references"] == 2000
@@ -175,7 +181,8 @@ def test_the_python_api_returns_audit_json(tmp_path):
     import fedsim
 
     result = fedsim.audit(str(ROOT / "configs" / "smoke.yaml"), method="els", canaries=100,
-                          overrides=[f"run.output_dir={tmp_path}", "dp.epsilon=1", "dp.delta=1e-6", *DENSE],
+                          overrides=[f"run.output_dir={tmp_path}", "dp.epsilon=1", "dp.delta=1e-6",
+                                     "dp.reproducible=false", *DENSE],
                           say=QUIET)
     on_disk = json.loads((Path(result["run_dir"]) / "audit.json").read_text())
     assert on_disk["verdict"] == result["verdict"] == "consistent" and on_disk["method"] == "ELS"
@@ -211,10 +218,11 @@ def test_the_mean_estimation_task_is_audited_through_the_same_loop(tmp_path, met
     _, sound = run_audit(mean_cfg(tmp_path, "dp.reproducible=false"), method, canaries=400, say=QUIET,
                          task="mean-estimation")
     assert sound["verdict"] == "consistent" and sound["task"] == "mean-estimation"
-    assert sound["eval_loss_after"] < sound["eval_loss_before"] == 0.5  # it learns the mean (w starts at 0)
+    d = sound["diagnostics"]
+    assert d["eval_loss_after"] < d["eval_loss_before"] == 0.5  # it learns the mean (w starts at 0)
     with sabotage.sabotaged("weak-noise"):
-        _, broken = run_audit(mean_cfg(tmp_path, "mean_estimation.dim=256"), method, canaries=400, say=QUIET,
-                              task="mean-estimation")
+        _, broken = run_audit(mean_cfg(tmp_path, "mean_estimation.dim=256", "dp.reproducible=false"), method,
+                              canaries=400, say=QUIET, task="mean-estimation")
     assert broken["verdict"] == "VIOLATION", broken["lower_bound"]
 
 
@@ -233,7 +241,23 @@ def test_mean_estimation_runs_record_the_plan_and_refuse_text_canaries(tmp_path)
 def test_an_els_audit_keeps_the_configured_steps_and_sampling_rate(tmp_path):
     from fedsim.loop import prepare
 
-    cfg = audit_cfg(tmp_path, ["els.expected_batch=20"], "els.steps=null")  # steps from the matched compute
+    # steps from the matched compute, the default delta (a function of the population size)
+    cfg = audit_cfg(tmp_path, ["els.expected_batch=20", "run.rounds=30"], "els.steps=null", "dp.delta=null")
     _, _, plain = prepare(cfg, "ELS", QUIET)
     _, result = run_audit(cfg, "ELS", canaries=100, say=QUIET)
-    assert result["steps"] == plain.steps and result["q"] == pytest.approx(plain.q, rel=1e-12)
+    assert result["steps"] == plain.steps > 1 and result["q"] == pytest.approx(plain.q, rel=1e-12)
+    assert result["delta"] == plain.delta and result["noise"] == plain.mechanism.noise_label()
+
+
+def test_a_sabotaged_mechanism_never_runs_outside_an_audit(tmp_path):
+    from fedsim.errors import FedsimError
+    from fedsim.loop import run
+
+    with sabotage.sabotaged("weak-noise"), pytest.raises(FedsimError, match="self-test only"):
+        run(audit_cfg(tmp_path, DENSE), "ULS", QUIET)
+    assert not list(Path(tmp_path).iterdir())
+
+
+def test_too_few_canaries_on_one_side_still_write_audit_json(tmp_path):
+    _, result = run_audit(audit_cfg(tmp_path, DENSE), "ULS", canaries=2, say=QUIET, auditor_knows_sampling=False)
+    assert result["verdict"] == "consistent" and (Path(result["run_dir"]) / "audit.json").is_file()

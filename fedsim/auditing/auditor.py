@@ -106,9 +106,10 @@ class CanaryObserver:
             self.reference_losses = sequence_losses(task, self.references)
 
     # -- scores (no coins used) --------------------------------------------------------------------
-    def scores(self, cohorts: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Every statistic's score per canary. `cohorts` [releases, m]: how many of canary j's
-        contributions each release sampled (the auditor regenerated the secret samples)."""
+    def scores(self, known: dict | None = None) -> dict[str, np.ndarray]:
+        """Every statistic's score per canary. `known` (an auditor holding the key): `cohorts`
+        [releases, m], how many of canary j's contributions each release sampled, and `noise`
+        [releases, m], <z_t, c_j> of each release's noise, both regenerated."""
         if self.canaries.kind == "text":
             return {"final-model": self.loss_before - self.loss_after}
         m = self.canaries.count
@@ -119,10 +120,15 @@ class CanaryObserver:
         if self.diff_proj:
             dcos = np.stack(self.diff_proj) / np.maximum(np.asarray(self.diff_norms), 1e-30)[:, None]
             out["differenced"] = dcos.max(0)
-        if cohorts is not None and self.proj:
-            w = cohorts[:len(self.proj)].astype(np.float64)
+        if known is not None and self.proj:
+            w = known["cohorts"][:len(self.proj)].astype(np.float64)
             num = (w * np.stack(self.proj)).sum(0)
             out["cohort-known"] = num / np.sqrt(np.maximum((w * w).sum(0), 1.0))
+            # the released update times the public denominator, minus the regenerated noise: the
+            # clipped sum itself (sign: a canary's contribution points along +c_j in both methods)
+            sign = 1.0 if self.plan.k is None else -1.0
+            clean = np.stack(self.proj) * self.plan.denominator - sign * known["noise"][:len(self.proj)]
+            out["noise-known"] = clean.max(0)
         return {k: np.nan_to_num(np.asarray(v, dtype=np.float64)[:m], nan=0.0) for k, v in out.items()}
 
 
@@ -148,6 +154,24 @@ def regenerate_cohorts(cfg, plan, canaries: Canaries, steps: list[int]) -> np.nd
     return out
 
 
+def regenerate_noise_projections(cfg, observer: CanaryObserver) -> np.ndarray:
+    """[releases, m]: <z_t, c_j> for the noise z_t each release drew, regenerated from run.seed
+    exactly as `NoiseMechanism.add_noise` drew it (the same stream, the same chunks). Right only
+    when the key is the public function of run.seed that `dp.reproducible: true` makes it."""
+    from fedsim.privacy.randomness import NOISE_CHUNK, SecretRandomness
+
+    plan, d = observer.plan, observer.directions.shape[1]
+    purpose = "uls" if plan.k is None else "els"
+    r = SecretRandomness.from_seed(cfg.run.seed)
+    out = np.zeros((len(observer.steps), observer.canaries.count))
+    for i, t in enumerate(observer.steps):
+        stream = r.stream(f"{purpose}-noise", t)
+        z = torch.cat([plan.mechanism.sample_noise(stream, min(NOISE_CHUNK, d - start))
+                       for start in range(0, d, NOISE_CHUNK)])
+        out[i] = (observer.directions.double() @ z).numpy()
+    return out
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -168,7 +192,7 @@ def real_store(cfg, task: str):
 def audit_config(cfg, method: str, canaries: int | None = None, kind: str | None = None, task: str = "lm"):
     """The config of the audit run: canaries set; the configured run's sampling rate q, rounds and
     ELS steps kept (the expected cohort / batch, the public denominators, scale with the population)."""
-    from fedsim.plan import kept_examples, plan_compute
+    from fedsim.plan import kept_examples, plan_compute, resolve_delta
 
     m = int(canaries or cfg.audit.canaries or DEFAULT_CANARIES)
     if m < 2:
@@ -181,6 +205,7 @@ def audit_config(cfg, method: str, canaries: int | None = None, kind: str | None
         raise ConfigError("the mean-estimation task has gradient canaries only (audit.kind: gradient)")
     store = real_store(cfg, task)
     n = store.num_users
+    new.dp.delta = resolve_delta(cfg, n)[0]  # the configured run's delta (the default depends on N)
     if method == "ULS" and cfg.uls.sampling_rate is None:  # same q = expected_cohort / N over N + m users
         new.uls.expected_cohort = cfg.uls.expected_cohort * (n + m) / n
     if method == "ELS":
@@ -193,12 +218,12 @@ def audit_config(cfg, method: str, canaries: int | None = None, kind: str | None
 
 
 def run_audit(cfg, method: str = "ULS", canaries: int | None = None, kind: str | None = None, say=print,
-              auditor_knows_sampling: bool = False, task: str = "lm") -> tuple[Path, dict]:
+              auditor_knows_sampling: bool | None = None, task: str = "lm") -> tuple[Path, dict]:
     """Run `cfg` with canaries and audit it; returns (run directory, audit.json's content).
     `task`: "lm" (the config's language model, ULS on Flower) or "mean-estimation" (the synthetic
     task of `mean_estimation:` through the same loop). `auditor_knows_sampling`: also score with
-    the cohorts regenerated from run.seed (the self-test of a leaked sampling key; meaningful only
-    with dp.reproducible: true)."""
+    the cohorts and the noise regenerated from run.seed, as anyone can when the key is a function
+    of it; default: exactly when `dp.reproducible` is true (then the audit shows what that costs)."""
     from fedsim.privacy import sabotage
 
     method = method.upper()
@@ -211,6 +236,8 @@ def run_audit(cfg, method: str = "ULS", canaries: int | None = None, kind: str |
     broken = sabotage.active_kinds()
     if broken and task == "lm" and method == "ULS" and cfg.simulation.backend != "inprocess":
         raise ConfigError("a sabotaged mechanism exists only in this process: audit it with simulation.backend=inprocess")
+    if auditor_knows_sampling is None:
+        auditor_knows_sampling = bool(cfg.dp.reproducible)
     acfg, num_real = audit_config(cfg, method, canaries, kind, task)
     t0 = time.time()
     observer = CanaryObserver(Canaries.from_config(acfg, num_real))
@@ -222,37 +249,78 @@ def run_audit(cfg, method: str = "ULS", canaries: int | None = None, kind: str |
         from fedsim.loop import run
 
         run_dir, summary = run(acfg, method, say, observer=observer)
-    cohorts = regenerate_cohorts(acfg, observer.plan, observer.canaries, observer.steps) if auditor_knows_sampling \
-        else None
-    result = evaluate(observer, summary, acfg, cohorts)
+    known = None
+    if auditor_knows_sampling and observer.canaries.kind == "gradient":
+        known = {"cohorts": regenerate_cohorts(acfg, observer.plan, observer.canaries, observer.steps),
+                 "noise": regenerate_noise_projections(acfg, observer)}
+    result = evaluate(observer, summary, acfg, known)
     result.update(method=method, task=task, run_dir=str(run_dir), sabotage=broken, wall_time_s=time.time() - t0,
                   run_wall_time_s=summary.get("wall_time_s"), auditor_knows_sampling=auditor_knows_sampling)
     write_audit(run_dir, result)
     return run_dir, result
 
 
-def evaluate(observer: CanaryObserver, summary: dict, cfg, cohorts=None) -> dict:
+def guess_counts(m: int) -> list[tuple[int, int]]:
+    """The guess settings tried, fixed before any score is seen: k "included" guesses on the
+    highest scores and k (or 0) "excluded" guesses on the lowest, k = f m / 2 for the fractions f
+    of `statistics.DEFAULT_GUESS_FRACTIONS`. One-sided guesses matter under subsampling: an
+    included canary never sampled scores like a held-out one, so the lowest scores are mixed."""
+    from fedsim.auditing.statistics import DEFAULT_GUESS_FRACTIONS
+
+    out: list[tuple[int, int]] = []
+    for f in DEFAULT_GUESS_FRACTIONS:
+        k = min(m // 2, max(1, round(f * m / 2)))
+        for pair in ((k, k), (k, 0)):
+            if pair not in out:
+                out.append(pair)
+    return out
+
+
+def one_shot(scores: np.ndarray, included: np.ndarray, delta: float, reps: int = 200) -> dict | None:
+    """The one-shot estimate (Andrew et al. 2024) of included vs held-out canaries' scores, with
+    a 95% bootstrap interval (canaries resampled within each side, `reps` times, a public seed)
+    and the estimate under one pooled variance, which the unequal-variance fit can overshoot
+    when the two spreads differ by a few percent. None when a side has fewer than 2 canaries."""
+    from fedsim.auditing import statistics as st
+
+    a, b = scores[included], scores[~included]
+    if a.size < 2 or b.size < 2:
+        return None
+    try:
+        est = st.one_shot_epsilon(a, b, delta)
+        pooled = float(np.sqrt((a.var() * a.size + b.var() * b.size) / (a.size + b.size)))
+        equal = st.gaussian_pair_epsilon(float(b.mean()), pooled, float(a.mean()), pooled, delta)
+        rng = np.random.default_rng(0)
+        boot = [st.one_shot_epsilon(rng.choice(a, a.size), rng.choice(b, b.size), delta).epsilon for _ in range(reps)]
+    except ValueError as exc:  # a degenerate fit (zero spread, an epsilon beyond the search)
+        return {"epsilon": None, "error": str(exc)}
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"epsilon": est.epsilon, "interval_95": [float(lo), float(hi)], "epsilon_equal_variance": equal,
+            "mu_included": est.mu1, "sigma_included": est.sigma1, "mu_held_out": est.mu0, "sigma_held_out": est.sigma0}
+
+
+def evaluate(observer: CanaryObserver, summary: dict, cfg, known: dict | None = None) -> dict:
     """audit.json's content: the estimates against the reported epsilon, and the verdict."""
     from fedsim.auditing import statistics as st
 
     included, delta = observer.included, float(summary["delta"])
     reported = float(summary["epsilon"])
-    scores = observer.scores(cohorts)
+    scores = observer.scores(known)
     confidence = cfg.audit.confidence
     beta = 1.0 - confidence
     per_stat = {}
+    guesses = guess_counts(included.size)
     for name, s in scores.items():  # the failure probability split evenly over the statistics
-        res = st.one_run_audit(s, included, delta, confidence=1.0 - beta / len(scores))
+        res = st.one_run_audit(s, included, delta, confidence=1.0 - beta / len(scores), guess_counts=guesses)
         per_stat[name] = {"epsilon_lower_bound": res.epsilon_lower_bound, "guesses": res.guesses,
                           "correct": res.correct, "k_plus": res.k_plus, "k_minus": res.k_minus}
     best = max(per_stat, key=lambda k: per_stat[k]["epsilon_lower_bound"])
     lower = per_stat[best]["epsilon_lower_bound"]
-    one_shot = {}
-    for name in ("final-model", "all-iterates"):
-        if name in scores and observer.canaries.kind == "gradient":
-            est = st.one_shot_epsilon(scores[name][included], scores[name][~included], delta)
-            one_shot[name] = {"epsilon": est.epsilon, "mu_included": est.mu1, "sigma_included": est.sigma1,
-                              "mu_held_out": est.mu0, "sigma_held_out": est.sigma0}
+    shots = {}
+    if observer.canaries.kind == "gradient":
+        for name in ("final-model", "all-iterates"):
+            if name in scores and (est := one_shot(scores[name], included, delta)) is not None:
+                shots[name] = est
     out = {
         "verdict": "consistent" if lower <= reported else "VIOLATION",
         "reported_epsilon": reported, "delta": delta, "target_epsilon": summary.get("target_epsilon"),
@@ -262,15 +330,19 @@ def evaluate(observer: CanaryObserver, summary: dict, cfg, cohorts=None) -> dict
                         "method": "Steinke, Nasr and Jagielski 2023 (arXiv 2305.08846), one run; failure"
                                   " probability split over every statistic and guess count tried",
                         "by_statistic": per_stat},
-        "one_shot": one_shot,
+        "one_shot": shots,
         "canaries": {**observer.canaries.describe(), "included": int(included.sum()),
                      "held_out": int((~included).sum())},
-        "epsilon_cost": "none beyond the run's: canaries are users of the population the plan was made for"
-                        f" ({summary.get('num_users')} users, canaries included) and the reported epsilon covers"
-                        " each of them as any user",
+        "epsilon_cost": "the audit is a training run on the real users like any other: it spends the reported"
+                        " epsilon on them (compose it with every other run on the same data). The canaries add"
+                        " nothing to that: they are users of the population the plan was made for"
+                        f" ({summary.get('num_users')} users, canaries included), covered as any user",
         "real_user_metrics": "canaries hold no held-out examples and are never counted as users or compute:"
-                             " eval loss, cohort sizes and compute are the real users' alone",
-        "eval_loss_before": summary.get("eval_loss_before"), "eval_loss_after": summary.get("eval_loss_after"),
+                             " the evaluation set, cohort sizes and compute are the real users' alone",
+        "diagnostics": {"note": "computed from unnoised data of the real users: outside the guarantee, never to be"
+                                " published (as diagnostics.jsonl)",
+                        "eval_loss_before": summary.get("eval_loss_before"),
+                        "eval_loss_after": summary.get("eval_loss_after")},
         "scores": {k: v.tolist() for k, v in scores.items()}, "included": included.astype(int).tolist(),
     }
     if observer.canaries.kind == "text":
@@ -308,8 +380,10 @@ def plot_audit(path: Path, result: dict) -> None:
         ax.hist(s[included], bins=bins, alpha=0.6, label=f"included ({included.sum()})", color="tab:orange")
         lb = result["lower_bound"]["by_statistic"][name]["epsilon_lower_bound"]
         text = f"lower bound {lb:.3g}"
-        if name in result["one_shot"]:
-            text += f"\none-shot {result['one_shot'][name]['epsilon']:.3g}"
+        shot = result["one_shot"].get(name) or {}
+        if shot.get("epsilon") is not None:
+            lo, hi = shot["interval_95"]
+            text += f"\none-shot {shot['epsilon']:.3g} [{lo:.3g}, {hi:.3g}]"
         ax.text(0.02, 0.97, text, transform=ax.transAxes, va="top", fontsize=8)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("score")
@@ -327,7 +401,8 @@ def plot_audit(path: Path, result: dict) -> None:
 
 def verdict_line(result: dict) -> str:
     lb = result["lower_bound"]
-    shots = ", ".join(f"{k} {v['epsilon']:.3g}" for k, v in result["one_shot"].items())
+    shots = ", ".join(f"{k} {v['epsilon']:.3g} [{v['interval_95'][0]:.3g}, {v['interval_95'][1]:.3g}]"
+                      for k, v in result["one_shot"].items() if v.get("epsilon") is not None)
     return (f"{result['verdict']}: reported epsilon {result['reported_epsilon']:.3g}, one-run lower bound"
             f" {lb['epsilon']:.3g} ({lb['statistic']}, {lb['confidence']:.0%})"
             + (f", one-shot estimate {shots}" if shots else ""))

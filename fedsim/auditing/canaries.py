@@ -171,6 +171,22 @@ def canaries_of(store) -> Canaries | None:
     return store.canaries if isinstance(store, CanaryStore) else None
 
 
+def real_users(store: UserStore) -> UserStore:
+    """The store without its canaries (the evaluation set is drawn from it: canaries never
+    change it, whatever the population size)."""
+    return store.base if isinstance(store, CanaryStore) else store
+
+
+def refuse_canaries(cfg, command: str) -> None:
+    """A canary changes the population: only `fedsim audit` may add them (checked before anything
+    is written)."""
+    if cfg.audit.canaries:
+        from fedsim.errors import ConfigError
+
+        raise ConfigError(f"audit.canaries={cfg.audit.canaries}: canary users are inserted only by `fedsim audit`"
+                          f" (set audit.canaries=0 to {command})")
+
+
 def sequence_losses(task, texts: list[str], batch_size: int = 64) -> np.ndarray:
     """Each text's mean next-token loss under the task's model (no gradients)."""
     from fedsim.training.per_example import per_example_losses
