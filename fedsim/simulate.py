@@ -120,6 +120,9 @@ def run_flower(cfg, plan, task, evalset, run_dir: Path, randomness, say=print, r
                 cluster = connect_ray_cluster(cfg)
             else:
                 init_ray(cfg)
+        if cluster is None and cfg.simulation.num_gpus > 0 and not _cuda_available():
+            say(f"note: Ray has {ray_gpus():g} logical GPU(s) and this machine no CUDA: Ray places the workers"
+                f" ({cfg.simulation.num_gpus:g} GPU each) and they train on the CPU")
         if cluster is not None:
             if cfg.uls.users_per_client > 1 and not cfg.simulation.num_workers:
                 nodes = cluster["actors"]  # one cohort worker per actor slot of the whole cluster
@@ -152,16 +155,30 @@ def check_devices(cfg) -> None:
     """Refuse a GPU request this machine cannot serve, before any process starts (exit 2,
     one line): run.device cuda without CUDA, or simulation.num_gpus on a local Ray without
     a GPU. With simulation.ray_address the GPUs may be on other machines: the cluster is
-    checked when fedsim joins it (`connect_ray_cluster`)."""
+    checked when fedsim joins it (`connect_ray_cluster`). A Ray this process already started
+    with GPUs (`ray.init(num_gpus=N)` before `fedsim.run`: logical GPUs, for placement tests)
+    is taken at its word: Ray places the workers, and a worker without CUDA trains on the CPU
+    (`fedsim.workers.worker_device`)."""
     from fedsim.models.causal_lm import resolve_device
 
     resolve_device(cfg.run.device)  # ModelError when cuda is asked for and absent
     if cfg.simulation.backend == "ray" and cfg.simulation.num_gpus > 0 and not cfg.simulation.ray_address:
         import torch
 
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() and not ray_gpus():
             raise FedsimError(f"simulation.num_gpus={cfg.simulation.num_gpus:g} but no CUDA device is available"
                               " (set simulation.num_gpus=0, or simulation.ray_address of a cluster with GPUs)")
+
+
+def ray_gpus() -> float:
+    """GPUs of the Ray this process is connected to (0 when it is not: Ray is never imported for this)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return 0.0
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
 
 
 def ray_backend_config(cfg) -> dict:
@@ -221,6 +238,12 @@ def connect_ray_cluster(cfg) -> dict:
                           " (lower simulation.num_cpus / num_gpus)") from None
     return {"address": ray.get_runtime_context().gcs_address, "requested_address": address, "nodes": len(alive),
             "cpus": float(res.get("CPU", 0)), "gpus": gpus, "actors": int(actors)}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _shutdown_ray() -> None:
