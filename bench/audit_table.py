@@ -50,7 +50,8 @@ def audit_row(audit_json: Path, **labels) -> dict:
             "delta": r["delta"], "one_shot_final": r["one_shot"].get("final-model", {}).get("epsilon"),
             "one_shot_all_iterates": r["one_shot"].get("all-iterates", {}).get("epsilon"),
             "lower_bound": r["lower_bound"]["epsilon"], "lower_bound_statistic": r["lower_bound"]["statistic"],
-            "verdict": r["verdict"], "eval_loss_before": r["eval_loss_before"], "eval_loss_after": r["eval_loss_after"],
+            "verdict": r["verdict"], "eval_loss_before": r["diagnostics"]["eval_loss_before"],
+            "eval_loss_after": r["diagnostics"]["eval_loss_after"],
             "audit_wall_time_s": r["wall_time_s"], "run_dir": r["run_dir"]}
 
 
