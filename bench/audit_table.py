@@ -48,7 +48,9 @@ def audit_row(audit_json: Path, **labels) -> dict:
     r = json.loads(audit_json.read_text())
     return {**labels, "method": r["method"], "noise": r["noise"], "reported_epsilon": r["reported_epsilon"],
             "delta": r["delta"], "one_shot_final": r["one_shot"].get("final-model", {}).get("epsilon"),
+            "one_shot_final_interval": r["one_shot"].get("final-model", {}).get("interval_95"),
             "one_shot_all_iterates": r["one_shot"].get("all-iterates", {}).get("epsilon"),
+            "one_shot_all_iterates_interval": r["one_shot"].get("all-iterates", {}).get("interval_95"),
             "lower_bound": r["lower_bound"]["epsilon"], "lower_bound_statistic": r["lower_bound"]["statistic"],
             "verdict": r["verdict"], "eval_loss_before": r["diagnostics"]["eval_loss_before"],
             "eval_loss_after": r["diagnostics"]["eval_loss_after"],
