@@ -18,6 +18,22 @@ import time
 import psutil
 
 
+def tree_rss(root) -> tuple[int, int] | None:
+    """(summed RSS in bytes, process count) of `root` (a psutil.Process) and all its descendants;
+    None once `root` is gone. A child that exits while being read counts as 0."""
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total, len(procs)
+
+
 def main() -> int:
     argv = sys.argv[1:]
     if argv and argv[0] == "--":
@@ -27,18 +43,11 @@ def main() -> int:
     root = psutil.Process(proc.pid)
     peak, peak_procs = 0, 0
     while proc.poll() is None:
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
+        sample = tree_rss(root)
+        if sample is None:
             break
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        if total > peak:
-            peak, peak_procs = total, len(procs)
+        if sample[0] > peak:
+            peak, peak_procs = sample
         time.sleep(0.2)
     rc = proc.wait()
     print(json.dumps({"peak_tree_rss_mb": round(peak / 2**20, 1), "processes_at_peak": peak_procs,

@@ -38,6 +38,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "stackoverflow_like.yaml"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from peak_rss import tree_rss  # noqa: E402 - the process-tree RSS every bench script measures
 
 
 def data_file(users: int) -> Path:
@@ -80,18 +82,11 @@ def run_measured(argv: list[str], poll: float = 0.1) -> dict:
     root = psutil.Process(proc.pid)
     peak = peak_procs = 0
     while proc.poll() is None:
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
+        sample = tree_rss(root)
+        if sample is None:
             break
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        if total > peak:
-            peak, peak_procs = total, len(procs)
+        if sample[0] > peak:
+            peak, peak_procs = sample
         time.sleep(poll)
     rc = proc.wait()
     reader.join(timeout=10)
