@@ -7,6 +7,7 @@ This is the one module of `fedsim` that imports the Flower glue packages.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -206,7 +207,18 @@ def init_ray(cfg) -> None:
     os.environ["PYTHONPATH"] = pythonpath
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
-                 **ray_backend_config(cfg)["init_args"])
+                 **local_ray_resources(cfg), **ray_backend_config(cfg)["init_args"])
+
+
+def local_ray_resources(cfg) -> dict:
+    """A local Ray sized to the cohort workers asked for: Flower starts one actor for every
+    `simulation.num_cpus` CPUs Ray has, and with `simulation.num_workers` set the others would
+    never get a message yet each holds torch and the model's libraries (~380 MB measured,
+    bench/ray_memory.py). {} for a cluster, or when the workers follow the machine."""
+    sim = cfg.simulation
+    if sim.ray_address or not sim.num_workers or cfg.uls.users_per_client == 1:
+        return {}
+    return {"num_cpus": max(1, int(math.ceil(sim.num_workers * sim.num_cpus)))}
 
 
 def connect_ray_cluster(cfg) -> dict:

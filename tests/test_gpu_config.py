@@ -94,3 +94,19 @@ def test_gpt2_small_shape_has_124m_parameters():
         m = _gpt2_from_arch(cfg.model.arch, cfg.data.seq_len, cfg.model.arch.vocab_size, 0)
     n = sum(p.numel() for p in m.parameters())
     assert n == 124_439_808 - (1024 - 128) * 768  # GPT-2 small less the unused position rows
+
+
+def test_a_local_ray_is_sized_to_the_cohort_workers_asked_for():
+    """Flower starts one actor per simulation.num_cpus CPUs of Ray: with num_workers set, the
+    others would sit idle holding torch (bench/ray_memory.py: 1,905 -> 1,743 MB, one worker)."""
+    from fedsim.config import load_config
+    from fedsim.simulate import local_ray_resources
+
+    base = ["simulation.backend=ray", "uls.users_per_client=100"]
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [*base, "simulation.num_workers=1"])
+    assert local_ray_resources(cfg) == {"num_cpus": 1}
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [*base, "simulation.num_workers=3", "simulation.num_cpus=0.5"])
+    assert local_ray_resources(cfg) == {"num_cpus": 2}
+    assert local_ray_resources(load_config(ROOT / "configs" / "smoke.yaml", base)) == {}  # workers follow the machine
+    assert local_ray_resources(load_config(ROOT / "configs" / "smoke.yaml", [
+        *base, "simulation.num_workers=1", "simulation.ray_address=127.0.0.1:6379"])) == {}  # a cluster: its own size
