@@ -11,10 +11,12 @@ scores every canary, without the coins, by statistics fixed in advance:
 * ``all-iterates``      max over releases t of cos(u_t, c_j);
 * ``differenced``       max over t of cos(u_t - u_{t-1}, c_j): what one noise vector reused in
                         every release leaves (it cancels in the difference);
-* ``cohort-known``      only with `auditor_knows_sampling`: the auditor regenerates the cohorts
-                        (ELS batches) from run.seed, which a reproducible run's key is a public
-                        function of, and sums <u_t, c_j> over the releases canary j was sampled
-                        into, normalised.
+* ``cohort-known``      with `auditor_knows_sampling` (default: a `dp.reproducible` run, whose
+                        key is a public function of run.seed): the auditor regenerates the
+                        cohorts (ELS batches) and sums <u_t, c_j> over the releases canary j
+                        was sampled into, normalised;
+* ``noise-known``       likewise: each release times its public denominator minus the noise
+                        regenerated from run.seed, i.e. the clipped sum itself; max over t.
 
 Then, against the coins:
 
@@ -45,8 +47,6 @@ import torch
 from fedsim.auditing.canaries import Canaries
 from fedsim.errors import ConfigError
 
-#: the statistics every audit of gradient canaries computes (cohort-known is added on request)
-GRADIENT_STATISTICS = ("final-model", "all-iterates", "differenced")
 DEFAULT_CANARIES = 1000
 #: directions held at once for scoring: [m, d] float32 above this many bytes is refused
 MAX_DIRECTION_BYTES = 4 << 30
