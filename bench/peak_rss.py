@@ -34,12 +34,9 @@ def tree_rss(root) -> tuple[int, int] | None:
     return total, len(procs)
 
 
-def main() -> int:
-    argv = sys.argv[1:]
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv)
+def watch_peak(proc: subprocess.Popen, poll: float = 0.2) -> tuple[int, int]:
+    """(largest summed RSS in bytes, processes at that moment) of `proc`'s tree, sampled every
+    `poll` seconds until it exits."""
     root = psutil.Process(proc.pid)
     peak, peak_procs = 0, 0
     while proc.poll() is None:
@@ -48,7 +45,17 @@ def main() -> int:
             break
         if sample[0] > peak:
             peak, peak_procs = sample
-        time.sleep(0.2)
+        time.sleep(poll)
+    return peak, peak_procs
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv)
+    peak, peak_procs = watch_peak(proc)
     rc = proc.wait()
     print(json.dumps({"peak_tree_rss_mb": round(peak / 2**20, 1), "processes_at_peak": peak_procs,
                       "wall_s": round(time.perf_counter() - t0, 1), "exit": rc}), file=sys.stderr)

@@ -33,13 +33,11 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "stackoverflow_like.yaml"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from peak_rss import tree_rss  # noqa: E402 - the process-tree RSS every bench script measures
+from peak_rss import watch_peak
 
 
 def data_file(users: int) -> Path:
@@ -79,15 +77,7 @@ def run_measured(argv: list[str], poll: float = 0.1) -> dict:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    root = psutil.Process(proc.pid)
-    peak = peak_procs = 0
-    while proc.poll() is None:
-        sample = tree_rss(root)
-        if sample is None:
-            break
-        if sample[0] > peak:
-            peak, peak_procs = sample
-        time.sleep(poll)
+    peak, peak_procs = watch_peak(proc, poll)
     rc = proc.wait()
     reader.join(timeout=10)
     return {"lines": lines, "peak_tree_rss_mb": round(peak / 2**20, 1), "processes_at_peak": peak_procs,

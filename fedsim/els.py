@@ -80,8 +80,6 @@ class ElsMethod:
     def _add_canaries(self, canary_users, clip: float) -> None:
         """flat_grad += the sampled canary examples' clipped gradients: -c_j x canary_norm x C for a
         gradient canary (clipped as any example's), the model's own gradient for a text canary."""
-        from fedsim.privacy.mechanisms import clip_factor, update_norm
-
         grad = self.task.flat.flat_grad
         if not canary_users.size:
             return
@@ -92,8 +90,7 @@ class ElsMethod:
             grad.add_(real)
             return
         for j in canary_users:
-            g = self.canaries.raw_update(int(j), grad.numel(), clip).neg_().to(grad.device, grad.dtype)
-            grad.add_(g, alpha=clip_factor(update_norm(g), clip))
+            grad.add_(self.canaries.clipped_update(int(j), grad.numel(), clip, -1.0).to(grad.device, grad.dtype))
 
     def summary(self, ledger, plan, steps: int) -> dict:
         return {"per_example": self.clipper.name, "optimizer": self.cfg.els.optimizer, "lr": self.cfg.els.lr,

@@ -100,8 +100,10 @@ class _Canaried:
         self.included = self.canaries.inclusion(randomness) if self.canaries is not None else None
 
     def _canary_sum(self, canary_users: np.ndarray, d: int, clip: float, sign: float) -> torch.Tensor:
-        rows = [self.canaries.raw_update(int(j), d, clip).mul_(sign) for j in canary_users]
-        return _clipped_rows_sum(torch.stack(rows), clip) if rows else torch.zeros(d)
+        total = torch.zeros(d)
+        for j in canary_users:
+            total += self.canaries.clipped_update(int(j), d, clip, sign)
+        return total
 
 
 class MeanUls(_Canaried):

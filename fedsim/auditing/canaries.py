@@ -93,6 +93,14 @@ class Canaries:
         """A gradient canary's contribution before clipping: c_j x audit.canary_norm x C."""
         return self.direction(j, dimension).mul_(self.norm * clip_norm)
 
+    def clipped_update(self, j: int, dimension: int, clip_norm: float, sign: float = 1.0) -> torch.Tensor:
+        """sign x the raw contribution, clipped to C by the factor every user and example gets
+        (`clip_factor`): what a gradient canary adds to the sum."""
+        from fedsim.privacy.mechanisms import clip_factor, update_norm
+
+        g = self.raw_update(j, dimension, clip_norm).mul_(sign)
+        return g.mul_(clip_factor(update_norm(g), clip_norm))
+
     def text(self, j: int) -> str:
         """Canary j's secret sequence."""
         return _secret_text(np.random.default_rng([self.seed, 2, int(j)]))
