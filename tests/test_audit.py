@@ -220,9 +220,9 @@ def test_the_mean_estimation_task_is_audited_through_the_same_loop(tmp_path, met
     assert sound["verdict"] == "consistent" and sound["task"] == "mean-estimation"
     d = sound["diagnostics"]
     assert d["eval_loss_after"] < d["eval_loss_before"] == 0.5  # it learns the mean (w starts at 0)
-    with sabotage.sabotaged("weak-noise"):
-        _, broken = run_audit(mean_cfg(tmp_path, "mean_estimation.dim=256", "dp.reproducible=false"), method,
-                              canaries=400, say=QUIET, task="mean-estimation")
+    with sabotage.sabotaged("weak-noise"):  # reproducible (deterministic), the auditor blind to the key
+        _, broken = run_audit(mean_cfg(tmp_path, "mean_estimation.dim=256", "dp.reproducible=true"), method,
+                              canaries=400, say=QUIET, task="mean-estimation", auditor_knows_sampling=False)
     assert broken["verdict"] == "VIOLATION", broken["lower_bound"]
 
 
