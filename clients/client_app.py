@@ -42,10 +42,11 @@ def _in_ray_worker() -> bool:
 def handle_train(worker, content: RecordDict) -> RecordDict:
     # load the global trainable weights
     global_flat = torch.from_numpy(np.asarray(content["arrays"]["w"].numpy(), dtype=np.float32).copy())
-    # which users, which round
+    # which users, which round, which clip norm (the server's C for this round)
     cfg = content["config"]
     users = [int(u) for u in cfg["user-ids"]]
     server_round = int(cfg["server-round"])
+    clip_norm = float(cfg["clip-norm"]) if "clip-norm" in cfg else worker.cfg.dp.clip_norm
     # fault injection (tests, demos): a failing client, a NaN or mis-shaped reply, a dying worker, a slow one
     key = int(cfg["message-key"]) if "message-key" in cfg else (users[0] if users else -1)
     fault = inject_fault(worker.cfg.simulation.faults, server_round, key)
@@ -56,7 +57,7 @@ def handle_train(worker, content: RecordDict) -> RecordDict:
     if fault == "hang":  # a slow client: its reply misses the round when hang_seconds > simulation.timeout
         time.sleep(worker.cfg.simulation.faults.hang_seconds)
     # train each user, clip each delta, sum
-    res = worker.train_users(users, global_flat, server_round)
+    res = worker.train_users(users, global_flat, server_round, clip_norm=clip_norm)
     if fault == "nan":
         res.delta_sum[0] = float("nan")
     elif fault == "shape":

@@ -131,7 +131,7 @@ def non_private(cfg):
     cfg = _with(_with(cfg, "dp", epsilon=None, noise_multiplier=0.0, mechanism="gaussian", lmo=None), "run", name="reference")
     if cfg.compare.reference_clip:
         return cfg
-    return _with(_with(cfg, "dp", clip_norm=math.inf), "els", clip_norm=math.inf)
+    return _with(_with(cfg, "dp", clip_norm=math.inf, adaptive_clip=None), "els", clip_norm=math.inf)
 
 
 def run_compare(cfg, say=print, resume_dir: Path | None = None, out_dir: Path | None = None) -> tuple[Path, dict]:

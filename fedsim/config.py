@@ -216,6 +216,22 @@ class MeanEstimationConfig(_Strict):
                                        " calibrations")
 
 
+class AdaptiveClipConfig(_Strict):
+    """Adaptive clipping (Andrew et al. 2021): the clip norm tracks a quantile of the update norms."""
+
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="gamma: the share of updates the clip norm"
+                                   " should leave unclipped (0.5: the median norm)")
+    learning_rate: float = Field(0.2, gt=0, description="eta: the geometric step C <- C exp(-eta (b - gamma)), b"
+                                 " the noisy unclipped share (0.2: the paper's)")
+    count_noise_multiplier: float | None = Field(None, gt=0, description="the count's noise std over its"
+                                                 " sensitivity 1/2 (centered bits): 2 sigma_b; Flower's"
+                                                 " clipped_count_stddev is half of it (None: the paper's sigma_b ="
+                                                 " expected cohort (ELS: batch) / 20); must exceed the combined"
+                                                 " noise multiplier")
+    initial_clip: float | None = Field(None, gt=0, description="C_0, a public guess (None: dp.clip_norm; ELS:"
+                                       " els.clip_norm if set)")
+
+
 class DpConfig(_Strict):
     """User-level differential privacy: budget, clipping, noise, accounting."""
 
@@ -224,8 +240,12 @@ class DpConfig(_Strict):
     delta: float | None = Field(None, gt=0, lt=1, description="target delta (None: min(1e-5, 1 / N^1.1) for N"
                                 " users)")
     clip_norm: float = Field(1.0, gt=0, description="per-user L2 clipping norm C of the model delta")
+    adaptive_clip: AdaptiveClipConfig | None = Field(None, description="None: a fixed clip norm; else the clip"
+                                                     " follows a quantile of the update norms through a noised count of unclipped updates"
+                                                     " (fedsim/privacy/adaptive_clipping.py; gaussian noise only)")
     noise_multiplier: float | None = Field(None, ge=0, description="noise std / C; set to skip calibration (0: no"
-                                           " noise, epsilon = inf)")
+                                           " noise, epsilon = inf); with adaptive_clip the combined multiplier of"
+                                           " update and count (the update's own noise is larger)")
     accountant: Literal["pld", "rdp", "prv", "edgeworth", "lmo_faithful"] = Field(
         "pld", description="the accountant that reports epsilon")
     mechanism: Literal["gaussian", "lmo"] = Field("gaussian", description="the noise added to the clipped sum")
@@ -355,6 +375,9 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"data.public_path is for data.source 'files' (data.source is {self.data.source!r})")
         if self.model.arch.n_embd % self.model.arch.n_head:
             raise ValueError("model.arch.n_embd must be divisible by model.arch.n_head")
+        if self.dp.adaptive_clip is not None and self.dp.mechanism != "gaussian":
+            raise ValueError(f"dp.adaptive_clip needs dp.mechanism gaussian (got {self.dp.mechanism!r}): its noise"
+                             " split and accounting are for Gaussian noise")
         if self.uls.vectorise and self.uls.client_optimizer != "sgd":
             raise ValueError("uls.vectorise needs uls.client_optimizer sgd (one SGD step is a per-user gradient)")
         return self

@@ -45,9 +45,18 @@ def _section_model(field: FieldInfo) -> type[BaseModel] | None:
     return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
 
 
+def _optional_model(field: FieldInfo) -> type[BaseModel] | None:
+    """The model of a `Model | None` key (e.g. dp.adaptive_clip: null turns the feature off)."""
+    kinds = [k for k in typing.get_args(field.annotation) if k is not type(None)]
+    if len(kinds) == 1 and isinstance(kinds[0], type) and issubclass(kinds[0], BaseModel):
+        return kinds[0]
+    return None
+
+
 def sections(cfg: BaseModel | None = None) -> list[Section]:
     """Every section of `cfg` (default: the defaults) in declaration order, each followed by
-    its nested sections (`model` then `model.arch`, ...)."""
+    its nested sections (`model` then `model.arch`, ...). A `Model | None` key is listed as a
+    key (null or set) and its model as a section (its keys' defaults when the key is null)."""
     out: list[Section] = []
 
     def walk(node: BaseModel, path: str, meaning: str) -> None:
@@ -57,7 +66,11 @@ def sections(cfg: BaseModel | None = None) -> list[Section]:
             if _section_model(field) is not None:
                 nested.append((getattr(node, name), dotted, field.description or ""))
             else:
-                keys.append(Key(dotted, getattr(node, name), field.get_default(call_default_factory=True),
+                value = getattr(node, name)
+                if (sub := _optional_model(field)) is not None:
+                    nested.append((value if value is not None else sub(), dotted, sub.__doc__ or ""))
+                    value = "set" if value is not None else None
+                keys.append(Key(dotted, value, field.get_default(call_default_factory=True),
                                 allowed(field), field.description or ""))
         if keys:
             out.append(Section(path, meaning, keys))
@@ -72,7 +85,7 @@ def config_models(model: type[BaseModel] = ExperimentConfig) -> list[type[BaseMo
     """`model` and every model nested in it."""
     found = [model]
     for field in model.model_fields.values():
-        if (sub := _section_model(field)) is not None:
+        if (sub := _section_model(field) or _optional_model(field)) is not None:
             found += config_models(sub)
     return found
 

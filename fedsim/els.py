@@ -57,7 +57,7 @@ class ElsMethod:
         self.canaries = canaries_of(store)
         self.included = self.canaries.inclusion(randomness) if self.canaries is not None else None
 
-    def clipped_sum(self, step: int, weights: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
+    def clipped_sum(self, step: int, weights: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, dict, int]:
         idx = self.sampler.sample(step)
         canary_users = None
         if self.canaries is not None:  # split off the canary examples (fedsim/auditing/canaries.py)
@@ -65,10 +65,11 @@ class ElsMethod:
             canary_users, idx = j[j >= 0], idx[j < 0]
             canary_users = canary_users[self.included[canary_users]]
         texts = self.plan.texts(self.store, idx)
-        clip = self.plan.mechanism.clip_norm
+        clip = clip_norm
         res = clipped_sum(self.clipper, self.task, texts, clip, self.cfg.els.micro_batch)
         finite = res.norms[torch.isfinite(res.norms)]
-        diagnostics = {
+        diagnostics = {  # contributions / unclipped: the examples in the sum, and those within C (adaptive clip)
+            "contributions": int(finite.numel()), "unclipped": int((finite <= clip).sum()),
             "batch": len(texts), "dropped_examples": res.dropped, "clipped_frac": res.clipped_fraction(clip),
             "train_loss": float(res.losses[torch.isfinite(res.losses)].mean()) if finite.numel() else None,
             "grad_norm_median": float(finite.median()) if finite.numel() else None}

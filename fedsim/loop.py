@@ -4,8 +4,10 @@
     plan (once) -> per round/step: guard -> the method's clipped sum -> release (record, noise,
     scale) -> optimizer step on the noisy mean -> eval, write, checkpoint
 
-A method adaptor supplies only `clipped_sum(step, weights) -> (sum, diagnostics, examples)`:
-ULS the Flower strategy (`strategies/uls_strategy.py`), ELS `fedsim/els.py`.
+A method adaptor supplies only `clipped_sum(step, weights, clip_norm) -> (sum, diagnostics, examples)`:
+ULS the Flower strategy (`strategies/uls_strategy.py`), ELS `fedsim/els.py`. `clip_norm` is the
+step's C (the mechanism's: fixed, or moved after each release by adaptive clipping); the
+diagnostics count the sum's `contributions` (users or examples) and the `unclipped` among them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class Method(Protocol):
     sign: float  # +1: the sum is of model deltas (ULS); -1: of gradients (ELS)
     optimizer: tuple[str, float, float]  # server optimizer family, lr, momentum
 
-    def clipped_sum(self, step: int, weights: torch.Tensor) -> tuple[torch.Tensor, dict, int]: ...
+    def clipped_sum(self, step: int, weights: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, dict, int]: ...
 
     def summary(self, ledger, plan, steps: int) -> dict: ...
 
@@ -76,6 +78,8 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
                       purpose=method.name.lower(), denominator=plan.denominator, resumed=ckpt is not None,
                       after_record=kill_after_recording(None if ckpt else cfg.simulation.faults.server_crash_round))
     start, compute = 1, 0
+    # the mechanism's public state (an adaptive clip norm): the checkpoint's, or the plan's start
+    plan.mechanism.load_state_dict(ckpt.get("mechanism_state") if ckpt is not None else None)
     if ckpt is not None:  # weights, optimizer, public RNG; no secret state exists to restore
         task.flat.set(ckpt["weights"])
         start, compute = ckpt["step"] + 1, int(ckpt.get("compute", 0))
@@ -97,7 +101,8 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
     def checkpoint(step: int, always: bool = False) -> int | None:
         """A checkpoint at `step` if run.checkpoint_every divides it (or `always`); the step written or None."""
         state = {"weights": task.flat.get(), "optimizer_state": opt.state_dict(),
-                 "extra": {"method": method.name, "compute": compute, "eval_every": eval_every},
+                 "extra": {"method": method.name, "compute": compute, "eval_every": eval_every,
+                           "mechanism_state": plan.mechanism.state_dict()},
                  "rng_states": {"torch": torch.get_rng_state()}}
         if always:
             save_checkpoint(run_dir, step=step, **state)
@@ -127,9 +132,10 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
                 stop_reason = str(exc)
                 say(f"stopping: {exc}")
                 break
-            total, diagnostics, examples = method.clipped_sum(step, opt.weights)
+            total, diagnostics, examples = method.clipped_sum(step, opt.weights, plan.mechanism.clip_norm)
             signal_norm = float(torch.linalg.vector_norm(total))  # a diagnostic: the unnoised sum
-            noisy_mean, noise_metrics = release.release(step, total)
+            noisy_mean, noise_metrics = release.release(step, total, diagnostics["unclipped"],
+                                                        diagnostics["contributions"])
             update = noisy_mean.mul_(method.sign).to(opt.weights.device)
             if observer is not None:
                 observer.on_release(step, update)
@@ -165,6 +171,7 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
         "eval_loss_after": after["loss"], "eval_perplexity_after": after["perplexity"],
         "compute_examples": compute, "trainable_weights": task.flat.numel, "wall_time_s": wall,
         "time_per_step_s": wall / max(done, 1), **method.summary(ledger, plan, done),
+        **({"mechanism_state": state} if (state := plan.mechanism.state_dict()) else {}),
         "eval_set": "held-out examples of the training users (a simulation diagnostic)",
         "warnings": list(plan.warnings) + ([diverged] if diverged else [])}
     from fedsim.privacy import sabotage

@@ -83,11 +83,16 @@ def build_vector_store(cfg) -> tuple[VectorUserStore, torch.Tensor]:
     return VectorUserStore(examples), mu
 
 
-def _clipped_rows_sum(rows: torch.Tensor, clip: float) -> torch.Tensor:
-    """sum_i min(1, C / (||r_i|| + 1e-6)) r_i: the Opacus factor of every user and example path."""
+def _clipped_rows_sum(rows: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict]:
+    """(sum_i min(1, C / (||r_i|| + 1e-6)) r_i, counts): the Opacus factor of every user and example
+    path; counts: the rows summed (`contributions`) and those with norm <= C (`unclipped`)."""
     from fedsim.training.per_example import _norms, clip_factors
 
-    return clip_factors(_norms(rows), clip).to(rows.dtype) @ rows if rows.shape[0] else rows.new_zeros(rows.shape[1])
+    if not rows.shape[0]:
+        return rows.new_zeros(rows.shape[1]), {"contributions": 0, "unclipped": 0}
+    norms = _norms(rows)
+    counts = {"contributions": int(rows.shape[0]), "unclipped": int((norms <= clip).sum())}
+    return clip_factors(norms, clip).to(rows.dtype) @ rows, counts
 
 
 class _Canaried:
@@ -122,15 +127,16 @@ class MeanUls(_Canaried):
         self.sampler = PoissonSampler(plan.num_users, plan.q, randomness, "uls-cohort")
         self.optimizer = (cfg.uls.server_optimizer, cfg.uls.server_lr, cfg.uls.server_momentum)
 
-    def clipped_sum(self, step: int, weights: torch.Tensor):
+    def clipped_sum(self, step: int, weights: torch.Tensor, clip_norm: float):
         cohort = self.sampler.sample(step)
-        clip, extra = self.plan.mechanism.clip_norm, {}
+        clip, extra = clip_norm, {}
         if self.canaries is not None:
             cohort = self.canaries.present(cohort, self.included)
             j = self.canaries.index(cohort)
             cohort, canary_users = cohort[j < 0], j[j >= 0]
         deltas = self.shrink * (self.xbar[torch.from_numpy(cohort)] - weights.view(1, -1))
-        total = _clipped_rows_sum(deltas, clip)
+        total, counts = _clipped_rows_sum(deltas, clip)
+        extra.update(counts)
         if self.canaries is not None:
             total += self._canary_sum(canary_users, weights.numel(), clip, 1.0)
             extra["canaries"] = int(canary_users.size)
@@ -152,10 +158,10 @@ class MeanEls(_Canaried):
         self.sampler = PoissonSampler(plan.num_examples, plan.q, randomness, "els-sample")
         self.optimizer = (cfg.els.optimizer, cfg.els.lr, cfg.els.momentum)
 
-    def clipped_sum(self, step: int, weights: torch.Tensor):
+    def clipped_sum(self, step: int, weights: torch.Tensor, clip_norm: float):
         idx = self.sampler.sample(step)
         users, extra = self.plan.example_user[idx], {}
-        clip = self.plan.mechanism.clip_norm
+        clip = clip_norm
         if self.canaries is not None:
             j = self.canaries.index(users)
             canary_users = j[j >= 0]
@@ -163,7 +169,8 @@ class MeanEls(_Canaried):
             idx = idx[j < 0]
             users = self.plan.example_user[idx]
         x = self.x[torch.from_numpy(users), torch.from_numpy(self.plan.example_index[idx])]
-        total = _clipped_rows_sum(weights.view(1, -1) - x, clip)
+        total, counts = _clipped_rows_sum(weights.view(1, -1) - x, clip)
+        extra.update(counts)
         if self.canaries is not None:  # -c_j: the update (minus the gradient) points along +c_j
             total += self._canary_sum(canary_users, weights.numel(), clip, -1.0)
             extra["canary_examples"] = int(canary_users.size)

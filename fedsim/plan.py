@@ -280,14 +280,37 @@ def _mechanism_for(cfg, *, clip: float, q: float, steps: int, delta: float, k: i
     return mech, accountant, opts, eps, (dp.epsilon if dp.epsilon is not None else eps)
 
 
+def _with_adaptive_clip(cfg, mech: NoiseMechanism, expected_count: float) -> NoiseMechanism:
+    """`mech` as it is when dp.adaptive_clip is unset; else the adaptive-clip Gaussian mechanism with the
+    same combined noise multiplier z (hence the same events and epsilon): the budget calibrated z, the
+    update's noise follows from the split (`privacy/adaptive_clipping.py`). `expected_count`: the
+    public denominator of the count (expected cohort or batch)."""
+    ac = cfg.dp.adaptive_clip
+    if ac is None:
+        return mech
+    from fedsim.privacy import adaptive_clipping
+
+    count_noise = (ac.count_noise_multiplier if ac.count_noise_multiplier is not None
+                   else adaptive_clipping.default_count_noise(expected_count))
+    try:
+        return adaptive_clipping.AdaptiveClipGaussianMechanism.around(
+            mech, target_quantile=ac.target_quantile, learning_rate=ac.learning_rate,
+            count_noise_multiplier=count_noise, expected_count=expected_count)
+    except ValueError as exc:
+        raise ConfigError(f"dp.adaptive_clip: {exc}") from None
+
+
 def plan_uls(cfg, num_users: int, dimension: int | None = None) -> Plan:
     """The ULS plan. `dimension` (trainable weights) tightens LMO accounting; None is always
     safe (a dimension-free bound)."""
     q = sampling_rate(cfg, num_users)
     delta, warnings = resolve_delta(cfg, num_users)
+    ac = cfg.dp.adaptive_clip
+    clip = ac.initial_clip if ac is not None and ac.initial_clip is not None else cfg.dp.clip_norm
     mech, accountant, opts, eps, target = _mechanism_for(
-        cfg, clip=cfg.dp.clip_norm, q=q, steps=cfg.run.rounds, delta=delta, k=None, dimension=dimension,
+        cfg, clip=clip, q=q, steps=cfg.run.rounds, delta=delta, k=None, dimension=dimension,
         options={}, warnings=warnings)
+    mech = _with_adaptive_clip(cfg, mech, cfg.uls.expected_cohort)
     warnings += config_warnings(cfg, private=math.isfinite(eps))
     return Plan("ULS", num_users, q, delta, cfg.run.rounds, mech, accountant, opts, target, eps,
                 cfg.uls.expected_cohort, tuple(warnings))
@@ -301,10 +324,13 @@ def plan_els(cfg, store, steps: int | None = None, group_bound: bool = True, dim
     # q: els.sampling_rate if set, else expected_batch / M (M, the kept-example count, is then public)
     q = ec.sampling_rate if ec.sampling_rate is not None else example_sampling_rate(ec.expected_batch, users.size, ec.k)
     delta, warnings = resolve_delta(cfg, store.num_users)
-    clip = ec.clip_norm if ec.clip_norm is not None else dp.clip_norm
+    ac = dp.adaptive_clip
+    clip = (ec.clip_norm if ec.clip_norm is not None else ac.initial_clip if ac is not None and ac.initial_clip
+            is not None else dp.clip_norm)
     mech, accountant, opts, eps, target = _mechanism_for(
         cfg, clip=clip, q=q, steps=steps, delta=delta, k=ec.k, dimension=dimension,
         options={"value_discretization_interval": ec.accounting_interval}, warnings=warnings)
+    mech = _with_adaptive_clip(cfg, mech, ec.expected_batch)
     warnings += config_warnings(cfg, private=math.isfinite(eps))
     group = mech.group_privacy_epsilon(ec.k, q, steps, delta) if group_bound and math.isfinite(eps) else None
     return Plan("ELS", store.num_users, q, delta, steps, mech, accountant, opts, target, eps, ec.expected_batch,

@@ -89,6 +89,8 @@ def config_yaml(cfg) -> str:
 RELEASED_FIELDS = frozenset({
     "round", "step", "epsilon", "q", "expected_cohort", "expected_batch", "noise_std", "expected_noise_norm",
     "update_norm",
+    # adaptive clipping: the round's clip, the noisy unclipped share, the next clip (post-processing)
+    "clip_norm", "noisy_unclipped_frac", "next_clip_norm",
 })
 #: the first line of diagnostics.jsonl
 DIAGNOSTICS_HEADER = {

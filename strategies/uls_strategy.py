@@ -3,9 +3,11 @@ the training loop's method adaptor for ULS (`fedsim/loop.py`).
 
 One round's clipped sum (docs/architecture.md, "One ULS round"):
 1. `configure_train`: a Poisson(q) cohort of users is drawn from the secret randomness source
-   (`fedsim/privacy/randomness.py`); its users are sent, with the current trainable weights,
+   (`fedsim/privacy/randomness.py`); its users are sent, with the current trainable weights
+   and the round's clip norm C_t (public: fixed, or adaptive clipping's post-processed value),
    to Flower nodes (one user per node, or lists of users to cohort workers).
-2. Clients reply with the *sum of individually clipped deltas* and a user count.
+2. Clients reply with the *sum of individually clipped deltas*, a user count and the number of
+   users clipped.
 3. `aggregate_train`: replies that failed, are non-finite, mis-shaped or exceed the norm
    their count allows are dropped (counted); the rest are summed.
 The loop then guards, records, noises and divides by the expected cohort (`privacy/release.py`)
@@ -84,10 +86,11 @@ class UlsStrategy(Strategy):
         others = epsilon_by_accountant(ledger, plan.delta) if ledger is not None else {}
         return {"trust_model": "central DP: a trusted server sees per-user clipped deltas", "epsilon_by_accountant": others}
 
-    def clipped_sum(self, step: int, weights: torch.Tensor) -> tuple[torch.Tensor, dict, int]:
-        """Sample, send the weights to the cohort's nodes, sum the valid replies."""
-        messages = self.configure_train(step, ArrayRecord({"w": Array(weights.cpu().numpy())}), ConfigRecord(),
-                                        self.grid)
+    def clipped_sum(self, step: int, weights: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, dict, int]:
+        """Sample, send the weights and the round's clip norm to the cohort's nodes, sum the valid replies."""
+        self.clip_norm = float(clip_norm)  # the replies' norm check uses this round's C
+        messages = self.configure_train(step, ArrayRecord({"w": Array(weights.cpu().numpy())}),
+                                        ConfigRecord({"clip-norm": self.clip_norm}), self.grid)
         arrays, metrics = self.aggregate_train(step, self.grid.send_and_receive(messages, timeout=self.timeout))
         diagnostics = dict(metrics)
         return torch.from_numpy(arrays["delta-sum"].numpy().copy()), diagnostics, int(diagnostics["examples"])
@@ -154,6 +157,8 @@ class UlsStrategy(Strategy):
             canaries += int(met.get("num-canaries", 0))
         metrics = {  # simulation diagnostics (computed from unnoised user data; diagnostics.jsonl)
             "cohort": self._round.get("cohort", users), "users": users, "examples": examples,
+            # adaptive clipping's count: the summed users, and those within the clip (norm <= C)
+            "contributions": users, "unclipped": users - clipped,
             "train_loss": loss_sum / max(users, 1), "clipped_frac": clipped / max(users, 1),
             "dropped_replies": dropped, "missing_replies": missing, "failed_users": failed_users,
             "messages": self._round.get("messages", 0)}

@@ -124,6 +124,19 @@ class NoiseMechanism(abc.ABC):
     def noise_std(self) -> float:
         """Per-coordinate standard deviation of the noise on the sum."""
 
+    def adapt_clip(self, unclipped: int, contributions: int, stream: RandomStream) -> dict:
+        """After a release: move `clip_norm` from the round's count of contributions within it
+        (adaptive clipping, `privacy/adaptive_clipping.py`); returns released metrics. A fixed
+        clip releases nothing and draws nothing."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """The mechanism's public state that changes during a run (checkpointed); {} if none."""
+        return {}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore `state_dict()` (None: the start of a run)."""
+
     def grid_scale(self) -> float:
         """A finite, positive scale of the noise (0: no noise) that sets the rounding grid of
         `add_noise`; the std unless a mechanism's std can be infinite."""

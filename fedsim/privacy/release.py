@@ -49,13 +49,18 @@ class Release:
             return self.budget.spent()
         return self.budget.check(self.event)
 
-    def release(self, step: int, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Record, noise `total` in place, scale; returns (noisy sum / denominator, released metrics)."""
+    def release(self, step: int, total: torch.Tensor, unclipped: int = 0,
+                contributions: int = 0) -> tuple[torch.Tensor, dict]:
+        """Record, noise `total` in place, scale; returns (noisy sum / denominator, released metrics).
+        An adaptive clip also releases its noisy count of the `contributions` (users or examples in
+        `total`) whose norm was within the clip, `unclipped`, and moves the clip: one event covers both."""
         if self.ledger.record(step, self.event, replay_identical=self.replay_identical):
             self.budget.compose(self.event)
         if self.after_record is not None:
             self.after_record(step)
         noisy, released = self.mechanism.add_noise(total, self.randomness.stream(f"{self.purpose}-noise", step))
+        released.update(self.mechanism.adapt_clip(unclipped, contributions,
+                                                  self.randomness.stream(f"{self.purpose}-clip-count-noise", step)))
         return noisy.div(self.denominator), released
 
 

@@ -119,7 +119,7 @@ class VectorisedUsers:
                     sequential(u)
 
     def _chunk(self, chunk, global_flat: torch.Tensor, out) -> None:
-        clip, lr = self.worker.cfg.dp.clip_norm, self.worker.cfg.uls.client_lr
+        clip, lr = out.clip_norm, self.worker.cfg.uls.client_lr
         group = max(len(t) for _, t in chunk)
         # pad each user's rows with empty sequences (no targets, zero gradient)
         texts = [x for _, t in chunk for x in t + [""] * (group - len(t))]

@@ -23,6 +23,7 @@ log = logging.getLogger("fedsim")
 @dataclass
 class CohortResult:
     delta_sum: torch.Tensor
+    clip_norm: float  # the C every delta in the sum was clipped to
     num_users: int = 0  # users whose clipped delta is in the sum
     num_examples: int = 0
     loss_sum: float = 0.0
@@ -52,9 +53,12 @@ class CohortWorker:
         self.canaries = canaries_of(store)  # `fedsim audit`: users from canaries.num_real on are canaries
         self._vectorised = None  # uls.vectorise: built on first use (fedsim/training/vectorised.py)
 
-    def train_users(self, user_ids, global_flat: torch.Tensor, server_round: int) -> CohortResult:
+    def train_users(self, user_ids, global_flat: torch.Tensor, server_round: int,
+                    clip_norm: float | None = None) -> CohortResult:
+        """Each user's delta clipped to `clip_norm` (the server's C for this round; None: dp.clip_norm), summed."""
         global_flat = global_flat.to(self.task.flat.flat.device, self.task.flat.flat.dtype)
-        out = CohortResult(delta_sum=torch.zeros_like(global_flat))
+        out = CohortResult(delta_sum=torch.zeros_like(global_flat),
+                           clip_norm=self.cfg.dp.clip_norm if clip_norm is None else float(clip_norm))
         if self.canaries is not None:
             user_ids = [int(u) for u in user_ids]
             for u in (u for u in user_ids if u >= self.canaries.num_real):
@@ -74,7 +78,7 @@ class CohortWorker:
     def add_canary(self, out: CohortResult, user: int, global_flat: torch.Tensor, server_round: int) -> None:
         """An audit canary's contribution, clipped like any user's (fedsim/auditing/canaries.py): a
         gradient canary's raw update is its direction; a text canary trains on its sequence."""
-        c, clip = self.canaries, self.cfg.dp.clip_norm
+        c, clip = self.canaries, out.clip_norm
         if c.kind == "gradient":
             delta = c.raw_update(user - c.num_real, global_flat.numel(), clip).to(global_flat.device, global_flat.dtype)
         else:
@@ -97,7 +101,7 @@ class CohortWorker:
             log.debug("round %d: user %d failed: %s", server_round, user, exc)
             out.failed += 1
             return
-        clip = self.cfg.dp.clip_norm
+        clip = out.clip_norm
         norm = update_norm(res.delta)  # NaN / inf exactly when the delta has a non-finite entry
         if not math.isfinite(norm):
             out.failed += 1
