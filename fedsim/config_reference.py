@@ -141,6 +141,8 @@ def allowed(field: FieldInfo) -> str:
             parts.append(f"one of {choices}")
         elif item is not None and (choices := _choices(item)) is not None:
             parts.append(f"a list of {choices}{_length(field)}")
+        elif isinstance(kind, type) and issubclass(kind, BaseModel):  # a `Model | None` key: its section follows
+            parts.append("a section (its keys below)")
         else:
             name = kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
             parts.append(name + _range(field) + _length(field))
