@@ -161,7 +161,10 @@ class ElsConfig(_Strict):
                                         " expected_batch (a public constant)")
     steps: int | None = Field(None, ge=1, description="planned steps; None: match ULS's planned compute (see"
                               " compare.budget)")
-    clip_norm: float | None = Field(None, gt=0, description="per-example gradient L2 clip C (None: dp.clip_norm)")
+    clip_norm: float | None = Field(None, gt=0, description="per-example gradient L2 clip C (None: dp.clip_norm);"
+                                    " with adaptive clipping its start C_0 (None: dp.adaptive_clip.initial_clip)")
+    adaptive_clip: bool = Field(True, description="with dp.adaptive_clip set: ELS adapts its per-example clip too"
+                                " (a noised count of examples); false: a fixed clip (els.clip_norm)")
     optimizer: Literal["sgd", "momentum", "adam"] = Field("sgd", description="the server-optimizer family ULS"
                                                           " uses, on the noisy mean gradient")
     lr: float = Field(0.5, gt=0, description="learning rate on the noisy mean gradient")

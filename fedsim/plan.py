@@ -280,12 +280,11 @@ def _mechanism_for(cfg, *, clip: float, q: float, steps: int, delta: float, k: i
     return mech, accountant, opts, eps, (dp.epsilon if dp.epsilon is not None else eps)
 
 
-def _with_adaptive_clip(cfg, mech: NoiseMechanism, expected_count: float) -> NoiseMechanism:
-    """`mech` as it is when dp.adaptive_clip is unset; else the adaptive-clip Gaussian mechanism with the
+def _with_adaptive_clip(ac, mech: NoiseMechanism, expected_count: float) -> NoiseMechanism:
+    """`mech` as it is when `ac` (dp.adaptive_clip) is None; else the adaptive-clip Gaussian mechanism with the
     same combined noise multiplier z (hence the same events and epsilon): the budget calibrated z, the
     update's noise follows from the split (`privacy/adaptive_clipping.py`). `expected_count`: the
     public denominator of the count (expected cohort or batch)."""
-    ac = cfg.dp.adaptive_clip
     if ac is None:
         return mech
     from fedsim.privacy import adaptive_clipping
@@ -310,7 +309,7 @@ def plan_uls(cfg, num_users: int, dimension: int | None = None) -> Plan:
     mech, accountant, opts, eps, target = _mechanism_for(
         cfg, clip=clip, q=q, steps=cfg.run.rounds, delta=delta, k=None, dimension=dimension,
         options={}, warnings=warnings)
-    mech = _with_adaptive_clip(cfg, mech, cfg.uls.expected_cohort)
+    mech = _with_adaptive_clip(ac, mech, cfg.uls.expected_cohort)
     warnings += config_warnings(cfg, private=math.isfinite(eps))
     return Plan("ULS", num_users, q, delta, cfg.run.rounds, mech, accountant, opts, target, eps,
                 cfg.uls.expected_cohort, tuple(warnings))
@@ -324,13 +323,13 @@ def plan_els(cfg, store, steps: int | None = None, group_bound: bool = True, dim
     # q: els.sampling_rate if set, else expected_batch / M (M, the kept-example count, is then public)
     q = ec.sampling_rate if ec.sampling_rate is not None else example_sampling_rate(ec.expected_batch, users.size, ec.k)
     delta, warnings = resolve_delta(cfg, store.num_users)
-    ac = dp.adaptive_clip
+    ac = dp.adaptive_clip if ec.adaptive_clip else None
     clip = (ec.clip_norm if ec.clip_norm is not None else ac.initial_clip if ac is not None and ac.initial_clip
             is not None else dp.clip_norm)
     mech, accountant, opts, eps, target = _mechanism_for(
         cfg, clip=clip, q=q, steps=steps, delta=delta, k=ec.k, dimension=dimension,
         options={"value_discretization_interval": ec.accounting_interval}, warnings=warnings)
-    mech = _with_adaptive_clip(cfg, mech, ec.expected_batch)
+    mech = _with_adaptive_clip(ac, mech, ec.expected_batch)
     warnings += config_warnings(cfg, private=math.isfinite(eps))
     group = mech.group_privacy_epsilon(ec.k, q, steps, delta) if group_bound and math.isfinite(eps) else None
     return Plan("ELS", store.num_users, q, delta, steps, mech, accountant, opts, target, eps, ec.expected_batch,
