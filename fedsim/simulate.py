@@ -13,7 +13,12 @@ import threading
 import time
 from pathlib import Path
 
-from fedsim.compat import replacing_dead_ray_actors, set_message_ids_outside_a_superlink
+from fedsim.compat import (
+    poll_interval,
+    polling_messages_every,
+    replacing_dead_ray_actors,
+    set_message_ids_outside_a_superlink,
+)
 from fedsim.errors import FedsimError
 
 
@@ -105,9 +110,9 @@ def run_flower(cfg, plan, task, evalset, run_dir: Path, randomness, say=print, r
 
     def simulate() -> None:
         try:
-            with replacing_dead_ray_actors():
+            with replacing_dead_ray_actors(), polling_messages_every(poll_interval(nodes)):
                 run_simulation(server_app=make_server_app(outcome, *args, say=print, resume=resume,
-                                                               observer=observer),
+                                                               observer=observer, poll_seconds=poll_interval(nodes)),
                                client_app=make_client_app(cfg), num_supernodes=nodes, backend_config=backend_config,
                                verbose_logging=cfg.simulation.verbose)
         except BaseException as exc:  # noqa: BLE001 -- surfaced below, in the calling thread
