@@ -22,6 +22,8 @@ one local step (batch 8, SGD lr 0.1), clip 1.0, noise multiplier 1.0, server SGD
   flower_dp      Flower's own `DifferentialPrivacyServerSideFixedClipping` around `FedAvg`
                  (flwr 1.41 message API), a ClientApp that caches the model per Ray actor,
                  one user per Flower node: the reference a Flower user has today
+  fedsim_inprocess  the cohort worker in the server's process (`simulation.backend: inprocess`:
+                 the same Flower messages and strategy, no Ray): one process, like pfl-research
   pfl            pfl-research 0.6.0 (`bench/peers/pfl_workload.py`, in its own venv made by
                  `bench/peers/setup_pfl.sh`; never a fedsim dependency): FedAvg with central
                  Gaussian DP on the same exported users and initial weights, 1 thread
@@ -57,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 VARIANTS = ["floor", "fedsim_node", "fedsim_cohort", "fedsim_cohort2", "fedsim_vector", "flower_dp", "floor_compile",
-            "pfl", "pfl_2threads", "pfl_2proc"]
+            "pfl", "pfl_2threads", "pfl_2proc", "fedsim_inprocess"]
 DEFAULT_VARIANTS = VARIANTS[:6]  # floor_compile and the pfl-research peer (its own venv) on request
 PFL_VARIANTS = {"pfl": (1, 1), "pfl_2threads": (2, 1), "pfl_2proc": (1, 2)}  # (threads, processes)
 DEFAULT_PFL_PYTHON = ROOT / "bench" / "peers" / ".venv-pfl" / "bin" / "python"
@@ -172,6 +174,7 @@ def run_fedsim(args, variant: str) -> dict:
         "fedsim_cohort2": ["uls.users_per_client=60", "simulation.num_workers=2"],
         "fedsim_vector": ["uls.users_per_client=1000", "simulation.num_workers=1", "uls.vectorise=true",
                           f"uls.vector_users={args.vector_users}"],
+        "fedsim_inprocess": ["uls.users_per_client=1000", "simulation.num_workers=1", "simulation.backend=inprocess"],
     }[variant]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, workload_overrides(tmp) + extra + [f"run.name={variant}"])
