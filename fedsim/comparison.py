@@ -62,8 +62,8 @@ ROWS = {"uls": ("ULS", "uls", "uls"), "els": ("ELS", "els", "els"), "non-private
 def _shape(s: dict) -> str:
     if s["method"] == "ULS":
         mech = s.get("mechanism") or {}
-    bands = f", MF b={mech['bands']}" if mech.get("mechanism") == "banded_mf" else ""
-    return f"{s['steps']} rounds x {s['expected_cohort']:g}{bands}"
+        bands = f", MF b={mech['bands']}" if mech.get("mechanism") == "banded_mf" else ""
+        return f"{s['steps']} rounds x {s['expected_cohort']:g}{bands}"
     return f"{s['steps']} steps x {s['expected_batch']:g} k{s['k']}"
 
 
