@@ -243,8 +243,11 @@ class DpConfig(_Strict):
                                                                 " across rounds)")
     lmo: dict[str, Any] | None = Field(None, description="lmo: parameters, or {\"search\":"
                                        " path-to-search-result.json} (None: searched for dp.epsilon)")
-    banded_mf: BandedMfConfig | None = Field(None, description="banded_mf: {bands, strategy} (None: the defaults);"
-                                             " only with dp.mechanism banded_mf")
+    banded_mf: BandedMfConfig | None = Field(None, description="banded_mf: {bands: b, integer >= 1, at most the"
+                                             " rounds (default 4; 1 = DP-FedAvg), strategy: sqrt (default) or"
+                                             " optimized}; users are split into b groups (id mod b), round t samples"
+                                             " group (t - 1) mod b at rate b x q (null: the defaults); only with"
+                                             " dp.mechanism banded_mf")
     # true: anyone with config.yaml can regenerate every secret draw (fedsim/privacy/randomness.py)
     reproducible: bool = Field(False, description="true: cohorts, ELS samples and noise are derived from run.seed,"
                                " so the reported epsilon does not hold (tests and debugging only); false: a fresh"
