@@ -231,6 +231,10 @@ def test_uls_smoke_run_with_banded_mf_and_fedsim_account_rechecks_it(tmp_path, c
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     assert [r["epsilon"] for r in rows][:3] == [rows[0]["epsilon"]] * 3  # one participation per user so far
     assert rows[3]["epsilon"] > rows[2]["epsilon"]
+    # docs/metrics.md documents every field an MF run adds (metrics rows, summary.json, nested keys)
+    doc = (ROOT / "docs" / "metrics.md").read_text(encoding="utf-8")
+    fields = set().union(*(r.keys() for r in rows)) | set(s) | {f"mechanism.{k}" for k in s["mechanism"]}
+    assert not sorted(f for f in fields if f"`{f}`" not in doc)
     capsys.readouterr()
     assert main(["account", str(run_dir)]) == 0 and "matches" in capsys.readouterr().out
     # a ledger without the groups composes every round: the re-check must catch it
