@@ -76,7 +76,6 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-
     from provenance import provenance, write_result
 
     torch.set_num_threads(args.threads)
