@@ -32,7 +32,8 @@ def run_server(grid: Grid, cfg, plan, task, evalset, run_dir: Path, randomness, 
                            clip_norm=plan.mechanism.clip_norm, randomness=randomness,
                            users_per_client=uls.users_per_client, expected_cohort=uls.expected_cohort, grid=grid,
                            timeout=cfg.simulation.timeout,
-                           optimizer=(uls.server_optimizer, uls.server_lr, uls.server_momentum), present=present)
+                           optimizer=(uls.server_optimizer, uls.server_lr, uls.server_momentum), present=present,
+                           participation_groups=plan.mechanism.participation_groups)
     return train(cfg, plan, task, evalset, strategy, run_dir, randomness, say, resume, observer=observer)
 
 

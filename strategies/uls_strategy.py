@@ -3,7 +3,8 @@ the training loop's method adaptor for ULS (`fedsim/loop.py`).
 
 One round's clipped sum (docs/architecture.md, "One ULS round"):
 1. `configure_train`: a Poisson(q) cohort of users is drawn from the secret randomness source
-   (`fedsim/privacy/randomness.py`); its users are sent, with the current trainable weights,
+   (`fedsim/privacy/randomness.py`) -- or, when the mechanism asks for participation groups
+   (banded MF), a cyclic Poisson cohort of the round's group (`fedsim/sampling.py`); its users are sent, with the current trainable weights,
    to Flower nodes (one user per node, or lists of users to cohort workers).
 2. Clients reply with the *sum of individually clipped deltas* and a user count.
 3. `aggregate_train`: replies that failed, are non-finite, mis-shaped or exceed the norm
@@ -27,7 +28,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim.privacy import sabotage
 from fedsim.privacy.randomness import SecretRandomness
-from fedsim.sampling import PoissonSampler
+from fedsim.sampling import participation_sampler
 
 log = logging.getLogger("fedsim")
 
@@ -64,13 +65,14 @@ class UlsStrategy(Strategy):
                  randomness: SecretRandomness,
                  users_per_client: int = 1, expected_cohort: float | None = None, grid: Grid | None = None,
                  timeout: float | None = None, optimizer: tuple[str, float, float] = ("sgd", 1.0, 0.9),
-                 present=None):
+                 present=None, participation_groups: int = 1):
         if not 0 < sampling_rate <= 1:
             raise ValueError("The sampling rate should be in (0, 1].")
         self.num_users, self.dimension, self.q, self.clip_norm = num_users, dimension, sampling_rate, clip_norm
         # messages group users by id into about expected_cohort / users_per_client buckets
         self.expected_cohort = expected_cohort if expected_cohort is not None else sampling_rate * num_users
-        self.sampler = PoissonSampler(num_users, sampling_rate, randomness, "uls-cohort")  # the secret cohort
+        # the secret cohort: Poisson(q), or cyclic Poisson over the mechanism's participation groups
+        self.sampler = participation_sampler(num_users, sampling_rate, participation_groups, randomness, "uls-cohort")
         self.users_per_client, self.grid, self.timeout, self.optimizer = users_per_client, grid, timeout, optimizer
         # `fedsim audit`: drops the canaries whose secret coin left them out (fedsim/auditing/canaries.py)
         self.present = present
