@@ -21,7 +21,9 @@ Tasks:
                    pre-trained GPT-2, its own rounds and cohort), secure mode
   mean-estimation  configs/mean_estimation.yaml's problem (N 1,000 users, d 32 by default,
                    h 0), 100 rounds of an expected 50 users, one local step of lr 1 (the user's
-                   mean minus the model), server SGD lr 1, clip 1
+                   mean minus the model), server SGD lr 1 (`--set uls.server_lr=0.2`: a smaller
+                   step, so the model sums many rounds' noise: the prefix sums MF is built for),
+                   clip 1, reproducible mode (mf1 then equals `fixed` draw for draw)
 
 Reported per variant: epsilon spent, the noise, eval loss after training (mean and 95%
 Student-t half-width over seeds), its paired difference to `fixed` over the same seeds, and
@@ -47,13 +49,16 @@ MF_BANDS = {"mf1": 1, "mf2": 2, "mf4": 4, "mf8": 8, "mf16": 16}
 DEFAULT_VARIANTS = {"shakespeare": ["fixed", "adaptive", "mf2", "mf4", "mf8"],
                     "mean-estimation": ["fixed", "adaptive", "mf1", "mf2", "mf4", "mf8", "mf16"]}
 CONFIGS = {"shakespeare": "configs/default.yaml", "mean-estimation": "configs/mean_estimation.yaml"}
-MEAN_ESTIMATION_ULS = ["uls.expected_cohort=50", "run.rounds=100", "uls.client_lr=1.0", "uls.local_epochs=1",
+# reproducible: the same noise stream for the same seed, so mf1 reproduces `fixed` exactly (a benchmark
+# of model quality only; a real run keeps the default secure mode)
+MEAN_ESTIMATION_ULS = ["dp.reproducible=true", "uls.expected_cohort=50", "run.rounds=100", "uls.client_lr=1.0", "uls.local_epochs=1",
                        "uls.server_optimizer=sgd", "uls.server_lr=1.0", "dp.clip_norm=1.0", "run.eval_every=1000"]
 
 
 def variant_overrides(variant: str, cfg) -> list[str]:
     """The config overrides of a variant, on top of the task's config `cfg` (already loaded)."""
-    fixed = ["dp.mechanism=gaussian", "dp.adaptive_clip=null"]
+    no_adaptive = ["dp.adaptive_clip=null"] if "adaptive_clip" in type(cfg.dp).model_fields else []
+    fixed = ["dp.mechanism=gaussian", *no_adaptive]
     if variant == "fixed":
         return fixed
     if variant == "adaptive":
@@ -62,7 +67,7 @@ def variant_overrides(variant: str, cfg) -> list[str]:
         return ["dp.mechanism=gaussian", "dp.adaptive_clip.target_quantile=0.5",
                 f"dp.adaptive_clip.initial_clip={cfg.dp.clip_norm}"]
     if variant in MF_BANDS:
-        return ["dp.adaptive_clip=null", "dp.mechanism=banded_mf", f"dp.banded_mf.bands={MF_BANDS[variant]}"]
+        return [*no_adaptive, "dp.mechanism=banded_mf", f"dp.banded_mf.bands={MF_BANDS[variant]}"]
     raise ValueError(f"unknown variant {variant!r}")
 
 
@@ -107,6 +112,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=32, help="mean estimation: d")
     ap.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--merge", default=None, help="a JSON this script wrote: its runs join this run's (other variants)")
     args = ap.parse_args()
     variants = args.variants or DEFAULT_VARIANTS[args.task]
     base = list(args.set)
@@ -123,6 +129,12 @@ def main() -> None:
                 print(f"seed {seed} {v}: eps {row['epsilon']:.3f}, {row['noise']}, eval loss"
                       f" {row['eval_loss_before']:.5g} -> {row['eval_loss_after']:.5g}, {row['wall_s']:.0f} s",
                       file=sys.stderr, flush=True)
+    if args.merge:  # variants measured earlier on the same task and overrides
+        earlier = json.loads(Path(args.merge).read_text())
+        if earlier["task"] != args.task or earlier["overrides"] != base:
+            sys.exit(f"--merge {args.merge}: another task or other overrides")
+        rows = [r for r in earlier["runs"] if r["variant"] not in variants] + rows
+        variants = list(dict.fromkeys([*earlier["summary"], *variants]))
     summary = {}
     base_loss = {r["seed"]: r["eval_loss_after"] for r in rows if r["variant"] == "fixed"}
     for v in variants:
