@@ -342,3 +342,41 @@ def test_sweep_accepts_banded_mf_and_its_bands_as_an_axis(tmp_path):
         assert plan.mechanism.bands == cell["dp.banded_mf.bands"]
         sigmas.append(plan.mechanism.noise_multiplier)
     assert len(set(sigmas)) == 3  # each band count is calibrated to the budget on its own
+
+
+def test_the_audit_regenerates_a_banded_runs_cyclic_cohorts_and_correlated_noise(tmp_path):
+    """An auditor holding the reproducible key must regenerate what the run drew: the cyclic Poisson
+    cohorts (a canary only in its group's rounds) and the correlated noise sigma C (C^{-1} z)_t, not
+    DP-FedAvg's Poisson cohorts and independent noise (which left the key-known statistics blind)."""
+    from types import SimpleNamespace
+
+    from fedsim.auditing.auditor import audit_config, regenerate_cohorts, regenerate_noise_projections
+    from fedsim.auditing.canaries import Canaries, with_canaries
+    from fedsim.mean_estimation_run import build_vector_store
+    from fedsim.plan import plan_uls
+
+    b, T = 3, 9
+    cfg = load_config(ROOT / "configs" / "mean_estimation.yaml", [
+        f"run.output_dir={tmp_path}", "dp.epsilon=4", "data.num_users=60", f"run.rounds={T}",
+        "uls.expected_cohort=12", "dp.reproducible=true", "dp.mechanism=banded_mf", f"dp.banded_mf.bands={b}"])
+    acfg, n = audit_config(cfg, "ULS", canaries=30, task="mean-estimation")
+    base, mu = build_vector_store(acfg)
+    store = with_canaries(base, acfg)
+    plan = plan_uls(acfg, store.num_users, mu.numel())
+    canaries = Canaries.from_config(acfg, n)
+    steps = list(range(1, T + 1))
+    cohorts = regenerate_cohorts(acfg, plan, canaries, steps)
+    assert cohorts.sum() > 0
+    for i, t in enumerate(steps):  # canary j (user n + j) is only ever sampled in its group's rounds
+        outside = (np.arange(canaries.count) + n) % b != (t - 1) % b
+        assert not cohorts[i, outside].any()
+    # the noise: sigma C (C^{-1} Z) from the same keystream, projected on each canary's direction
+    d = mu.numel()
+    directions = canaries.directions(d).double()
+    proj = regenerate_noise_projections(acfg, SimpleNamespace(plan=plan, directions=directions, steps=steps,
+                                                              canaries=canaries))
+    key = SecretRandomness.from_seed(acfg.run.seed)
+    Z = torch.stack([key.stream("uls-noise", t).normal(d) for t in steps]).numpy()
+    Cinv = np.linalg.inv(mf.strategy_matrix(np.array(plan.mechanism.strategy.coefficients), T))
+    noise = plan.mechanism.noise_std() * Cinv @ Z
+    assert np.allclose(proj, noise @ directions.numpy().T, atol=1e-3 * plan.mechanism.noise_std())
