@@ -48,8 +48,16 @@ arXiv 2306.08153, Sec. 5, Algorithm 2.)
 
 Threat model and the amplification result
 -----------------------------------------
-Central DP with a trusted server; add/remove-one-user neighbours; each user's update clipped
-to L2 norm C_clip. The adversary sees the whole released sequence (the noisy sums of every
+Central DP with a trusted server; each user's update clipped to L2 norm C_clip. Neighbours: one
+user's data present or absent *in a fixed slot* of a public roster of N users ("zero-out"
+adjacency, as dp_accounting's `truncated_amplified_bandmf_event` states it): every other user
+keeps its index, hence its group. This is narrower than add/remove that renumbers the population.
+A user's index is its rank among the kept users (sorted ids, users below data.min_examples
+dropped), so inserting a user that sorts first moves every later user to the next group: with
+b = 2 and p = 1, round 1 then sums the other half of the population, a change far above C_clip
+(N = 10 users with updates +1, -1, +1, ...: round 1's sum goes from +5 to -5). The Poisson
+sampler (b = 1) has no groups, so its add/remove guarantee is unaffected; fedsim already treats
+N as public (q = expected cohort / N). The adversary sees the whole released sequence (the noisy sums of every
 round, hence every model), knows the strategy C, the group of every user, sigma, p and the
 public seeds; it does not see which members of a round's group were sampled, nor the noise
 (both drawn from the run's `SecretRandomness`). Inputs may be chosen adaptively: the sum of
