@@ -34,13 +34,16 @@ log = logging.getLogger("fedsim")
 
 
 def assign_users_to_nodes(cohort: np.ndarray, node_ids: list[int], users_per_client: int,
-                          num_buckets: int | None = None) -> list[tuple[int, int, list[int]]]:
+                          num_buckets: int | None = None, stride: int = 1) -> list[tuple[int, int, list[int]]]:
     """(node id, message key, users) of each message of a round.
 
     One user per message (`users_per_client == 1`): user u goes to node u mod #nodes, keyed u.
     Cohort workers: user u belongs to bucket u mod B, whatever else was sampled, one message
     per non-empty bucket (B = `num_buckets`, about expected cohort / users_per_client; a
     bucket holds Binomial-many users around users_per_client), bucket b to node b mod #nodes.
+    With cyclic Poisson sampling (banded MF) a round samples only users u = g mod `stride`, so the
+    bucket is (u // stride) mod B: u mod B would put a whole round in one bucket when B and the
+    number of groups share a factor (b = B = 4: every round one message, one busy worker).
     A user's message never depends on who else was sampled, so a lost message (a dead
     worker, a timeout) removes a set of users fixed by their ids: between neighbouring
     datasets the summed sets differ by one user at most, and the sensitivity stays C. (Slicing
@@ -53,8 +56,9 @@ def assign_users_to_nodes(cohort: np.ndarray, node_ids: list[int], users_per_cli
         return [(node_ids[u % len(node_ids)], u, [u]) for u in users]
     buckets = max(1, int(num_buckets or 1))
     groups: dict[int, list[int]] = {}
+    stride = max(1, int(stride))
     for u in users:
-        groups.setdefault(u % buckets, []).append(u)
+        groups.setdefault((u // stride) % buckets, []).append(u)
     return [(node_ids[b % len(node_ids)], b, g) for b, g in sorted(groups.items())]
 
 
@@ -73,6 +77,7 @@ class UlsStrategy(Strategy):
         self.expected_cohort = expected_cohort if expected_cohort is not None else sampling_rate * num_users
         # the secret cohort: Poisson(q), or cyclic Poisson over the mechanism's participation groups
         self.sampler = participation_sampler(num_users, sampling_rate, participation_groups, randomness, "uls-cohort")
+        self.sampler_groups = int(participation_groups)
         self.users_per_client, self.grid, self.timeout, self.optimizer = users_per_client, grid, timeout, optimizer
         # `fedsim audit`: drops the canaries whose secret coin left them out (fedsim/auditing/canaries.py)
         self.present = present
@@ -102,7 +107,7 @@ class UlsStrategy(Strategy):
             cohort, real = self.present(cohort)
         node_ids = sorted(grid.get_node_ids())
         buckets = math.ceil(self.expected_cohort / self.users_per_client)
-        groups = assign_users_to_nodes(cohort, node_ids, self.users_per_client, buckets)
+        groups = assign_users_to_nodes(cohort, node_ids, self.users_per_client, buckets, self.sampler_groups)
         self._round = {"cohort": real, "messages": len(groups)}
         messages = []
         for node_id, key, users in groups:

@@ -380,3 +380,29 @@ def test_the_audit_regenerates_a_banded_runs_cyclic_cohorts_and_correlated_noise
     Cinv = np.linalg.inv(mf.strategy_matrix(np.array(plan.mechanism.strategy.coefficients), T))
     noise = plan.mechanism.noise_std() * Cinv @ Z
     assert np.allclose(proj, noise @ directions.numpy().T, atol=1e-3 * plan.mechanism.noise_std())
+
+
+def test_cohort_workers_spread_a_cyclic_round_over_their_buckets():
+    """users_per_client > 1: a banded-MF round samples only users u = g mod b; bucketing by u mod B put
+    the whole round in one message whenever B and b share a factor (here b = B = 4). Buckets must
+    still be fixed by the user's id alone (a lost message drops a set of users fixed by their ids)."""
+    from types import SimpleNamespace
+
+    from strategies.uls_strategy import UlsStrategy
+
+    s = UlsStrategy(num_users=400, dimension=3, sampling_rate=0.02, clip_norm=1.0, users_per_client=2,
+                    randomness=SecretRandomness.from_seed(0), participation_groups=4)  # B = ceil(8 / 2) = 4
+    grid = SimpleNamespace(get_node_ids=lambda: [11, 22, 33, 44])
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fedsim.simulate import InProcessGrid
+
+    InProcessGrid.__init__(object.__new__(InProcessGrid), None, 1)  # sets Flower task ids for Message()
+    for t in range(1, 9):
+        msgs = list(s.configure_train(t, ArrayRecord(), ConfigRecord(), grid))
+        users = [list(m.content["config"]["user-ids"]) for m in msgs]
+        assert all(u % 4 == (t - 1) % 4 for us in users for u in us)
+        if sum(map(len, users)) >= 4:
+            assert len(msgs) >= 2, users  # not one message holding the whole round
+        for us in users:  # a bucket is a function of the id: (u // b) mod B
+            assert len({(u // 4) % 4 for u in us}) == 1
