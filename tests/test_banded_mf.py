@@ -122,6 +122,29 @@ def test_the_ledger_and_budget_count_the_worst_group():
     assert rebuilt.spent() == budget.spent()
 
 
+def test_group_indices_of_different_partitions_are_not_merged():
+    """A resume whose edited config changed the bands but kept p = b q (the same event): group 1 of 3
+    and group 1 of 2 are different users. Rounds 1..7 with b = 3 (groups 0, 1, 2: 3, 2, 2 rounds), round
+    8 with b = 2 (group 1): user 3 (group 0 of 3, group 1 of 2) took part in 4 releases."""
+    from fedsim.privacy.budget import PrivacyBudget
+
+    event = dp_event.PoissonSampledDpEvent(0.3, dp_event.GaussianDpEvent(1.0))
+    ledger = PrivacyLedger()
+    budget = PrivacyBudget(lambda: make_accountant("pld"), 1e-5, None)
+    entries = [(t, (t - 1) % 3, 3) for t in range(1, 8)] + [(8, 1, 2)]
+    for step, group, groups in entries:
+        budget.check(event, group, groups)
+        ledger.record(step, event, group=group, groups=groups)
+        budget.compose(event, group, groups)
+    worst = max(sum(1 for _, g, n in entries if u % n == g) for u in range(6))
+    assert worst == 4
+    assert ledger.total_event() == dp_event.SelfComposedDpEvent(event, 4)
+    assert budget.spent() == epsilon(make_accountant("pld"), ledger.total_event(), 1e-5)
+    rebuilt = PrivacyBudget(lambda: make_accountant("pld"), 1e-5, None, ledger.events(), ledger.groups(),
+                            ledger.partitions())
+    assert rebuilt.spent() == budget.spent()
+
+
 # -- cyclic Poisson sampling --------------------------------------------------------------------------
 
 

@@ -56,13 +56,14 @@ class Release:
         would overspend (a replayed, identical release recorded before a crash is already counted)."""
         if self.replay_identical and self.ledger.has(step, self.event):
             return self.budget.spent()
-        return self.budget.check(self.event, self._group(step).get("group"))
+        group = self._group(step)
+        return self.budget.check(self.event, group.get("group"), group.get("groups"))
 
     def release(self, step: int, total: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Record, noise `total` in place, scale; returns (noisy sum / denominator, released metrics)."""
         group = self._group(step)
         if self.ledger.record(step, self.event, replay_identical=self.replay_identical, **group):
-            self.budget.compose(self.event, group.get("group"))
+            self.budget.compose(self.event, group.get("group"), group.get("groups"))
         if self.after_record is not None:
             self.after_record(step)
         noisy, released = self.noise.add(total, step)
