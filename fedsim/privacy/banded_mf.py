@@ -73,9 +73,12 @@ Why (the argument the accounting relies on, so it can be checked here): a user u
 contributes only to rounds r_k = g + 1 + k b. Its contribution to round r_k moves only rows
 r_k .. r_k + b - 1 of C X (column r_k of C has its b nonzeros there), and these blocks of rows
 are disjoint for k = 0, 1, ...; no other round of the block holds u. Given everything
-released before a block, the block's rows are (a bijection, fixed by that history, of)
+released before a block, the block's rows are a bijection of
 1[u sampled] C[block, r_k] Delta_u + sigma C_clip Z_block with ||C[:, r_k]|| ||Delta_u|| <= C_clip:
-one Poisson(p)-subsampled Gaussian with noise multiplier sigma. The blocks form an adaptive
+one Poisson(p)-subsampled Gaussian with noise multiplier sigma. (The bijection is causal, not fixed
+by the history before the block alone: the other users' sums in the block's later rounds depend on
+its earlier rows, so row j minus the part that the history up to row j - 1 determines is the j-th
+row of the vector above; the map and its inverse are computed row by row without u's coin.) The blocks form an adaptive
 composition of at most ceil(T / b) of them (fewer for a group whose first round is later).
 
 `amplified_event` writes this as dp_accounting events, so PLD, RDP, PRV and Edgeworth apply;
