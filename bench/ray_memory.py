@@ -5,8 +5,9 @@ cohort ~100, one local step), cohort workers, 1 and 2 workers.
     python bench/ray_memory.py [--workers 1 2] [--rounds 5]
 
 Each run is `fedsim run` in a fresh subprocess; every 0.2 s the process tree is read and each
-process's RSS is filed under a label from its command line (driver, gcs_server, raylet,
-dashboard, dashboard agent, runtime-env agent, log monitor, autoscaler monitor, cohort worker
+process's RSS and PSS (shared pages, e.g. torch's libraries mapped by every process, divided
+among the processes that map them: the tree's physical memory) are filed under a label from its command line (driver, gcs_server, raylet,
+dashboard, dashboard agent, runtime-env agent (both `ray::` processes the raylet starts), log monitor, autoscaler monitor, cohort worker
 actor, idle Ray worker). Reported: at the sample with the largest total, each label's RSS and
 process count, and the total. Prints JSON, also written to bench/out/ray_memory.json.
 """
@@ -32,6 +33,7 @@ LABELS = [  # (substring of the command line, label): the first that matches
     ("gcs_server", "gcs_server"), ("raylet", "raylet"), ("dashboard/agent.py", "dashboard agent"),
     ("dashboard.py", "dashboard"), ("runtime_env/agent", "runtime-env agent"), ("log_monitor.py", "log monitor"),
     ("autoscaler/_private/monitor.py", "autoscaler monitor"), ("ClientAppActor", "cohort worker actor"),
+    ("ray::DashboardAgent", "dashboard agent"), ("ray::RuntimeEnvAgent", "runtime-env agent"),
     ("ray::", "Ray worker (other)"), ("default_worker.py", "idle Ray worker"), ("fedsim", "driver (fedsim run)"),
 ]
 
@@ -54,20 +56,24 @@ def breakdown(cmd: list[str]) -> dict:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             break
-        by: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        by: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
         for p in procs:
             try:
-                rss = p.memory_info().rss
+                mem = p.memory_full_info()  # rss, and pss: shared pages divided among their users
             except psutil.Error:
                 continue
             entry = by[label(p)]
-            entry[0] += rss / 2**20
-            entry[1] += 1
+            entry[0] += mem.rss / 2**20
+            entry[1] += mem.pss / 2**20
+            entry[2] += 1
         total = sum(v[0] for v in by.values())
         if total > best_total:
-            best_total, best = total, {k: {"rss_mb": round(v[0], 1), "processes": v[1]} for k, v in by.items()}
+            best_total, best = total, {k: {"rss_mb": round(v[0], 1), "pss_mb": round(v[1], 1), "processes": v[2]}
+                                       for k, v in by.items()}
         time.sleep(0.2)
-    return {"peak_total_mb": round(best_total, 1), "by_process": dict(sorted(best.items(), key=lambda kv: -kv[1]["rss_mb"])),
+    return {"peak_total_mb": round(best_total, 1),
+            "pss_at_peak_mb": round(sum(v["pss_mb"] for v in best.values()), 1),
+            "by_process": dict(sorted(best.items(), key=lambda kv: -kv[1]["rss_mb"])),
             "wall_s": round(time.perf_counter() - t0, 1), "exit": proc.wait()}
 
 

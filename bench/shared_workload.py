@@ -22,6 +22,14 @@ one local step (batch 8, SGD lr 0.1), clip 1.0, noise multiplier 1.0, server SGD
   flower_dp      Flower's own `DifferentialPrivacyServerSideFixedClipping` around `FedAvg`
                  (flwr 1.41 message API), a ClientApp that caches the model per Ray actor,
                  one user per Flower node: the reference a Flower user has today
+  fedsim_inprocess  the cohort worker in the server's process (`simulation.backend: inprocess`:
+                 the same Flower messages and strategy, no Ray): one process, like pfl-research
+  pfl            pfl-research 0.6.0 (`bench/peers/pfl_workload.py`, in its own venv made by
+                 `bench/peers/setup_pfl.sh`; never a fedsim dependency): FedAvg with central
+                 Gaussian DP on the same exported users and initial weights, 1 thread
+  pfl_2threads   the same with 2 torch threads (one process)
+  pfl_2proc      the same as 2 worker processes of 1 thread (`torchrun`, gloo): pfl-research's
+                 own way of using more cores
 
 Every variant runs in a fresh subprocess with 1 torch thread per process (Ray pins its
 actors to 1 thread as well); peak memory is the largest sum of RSS over the process tree
@@ -50,30 +58,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-VARIANTS = ["floor", "fedsim_node", "fedsim_cohort", "fedsim_cohort2", "fedsim_vector", "flower_dp", "floor_compile"]
-DEFAULT_VARIANTS = VARIANTS[:-1]  # floor_compile (the floor's model under torch.compile) on request
+VARIANTS = ["floor", "fedsim_node", "fedsim_cohort", "fedsim_cohort2", "fedsim_vector", "flower_dp", "floor_compile",
+            "pfl", "pfl_2threads", "pfl_2proc", "fedsim_inprocess"]
+DEFAULT_VARIANTS = VARIANTS[:6]  # floor_compile and the pfl-research peer (its own venv) on request
+PFL_VARIANTS = {"pfl": (1, 1), "pfl_2threads": (2, 1), "pfl_2proc": (1, 2)}  # (threads, processes)
+DEFAULT_PFL_PYTHON = ROOT / "bench" / "peers" / ".venv-pfl" / "bin" / "python"
 NUM_USERS, COHORT, ROUNDS = 2000, 100.0, 5
 
 
 class PeakRSS:
     """Peak of the summed RSS of this process and all its descendants, sampled in a thread."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, include_self: bool = True):
         import psutil
 
-        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self.proc, self.interval, self.peak, self.include_self = psutil.Process(), interval, 0, include_self
+        self.peak_pss = 0  # the same sum of PSS: pages shared by processes (torch's libraries) counted once
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
         import psutil
 
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
+        total = pss = 0
+        for p in [self.proc] * self.include_self + self.proc.children(recursive=True):
             try:
-                total += p.memory_info().rss
+                mem = p.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
+                continue
+            total, pss = total + mem.rss, pss + mem.pss
+        self.peak_pss = max(self.peak_pss, pss)
         return total
 
     def _run(self):
@@ -163,6 +177,7 @@ def run_fedsim(args, variant: str) -> dict:
         "fedsim_cohort2": ["uls.users_per_client=60", "simulation.num_workers=2"],
         "fedsim_vector": ["uls.users_per_client=1000", "simulation.num_workers=1", "uls.vectorise=true",
                           f"uls.vector_users={args.vector_users}"],
+        "fedsim_inprocess": ["uls.users_per_client=1000", "simulation.num_workers=1", "simulation.backend=inprocess"],
     }[variant]
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, workload_overrides(tmp) + extra + [f"run.name={variant}"])
@@ -268,11 +283,61 @@ def run_flower_dp(args) -> dict:
     return {"round_times": times, "cohorts": [int(COHORT)] * len(times)}
 
 
+# -- (vi) the pfl-research peer -----------------------------------------------------------------
+def export_workload(out_dir: Path) -> None:
+    """The workload as files pfl-research's venv can read without fedsim: every user's training
+    sequences encoded by fedsim's tokenizer (users.npz), the model's initial weights
+    (init.safetensors: `build_task`'s model, the same init as every fedsim variant and the
+    floor) and its GPT-2 config and hyper-parameters (workload.json)."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from fedsim.config import load_config
+    from fedsim.data import build_store
+    from fedsim.models import build_task
+
+    cfg = load_config(None, workload_overrides(tempfile.gettempdir()))
+    store = build_store(cfg.data)
+    task = build_task(cfg, store, log=lambda *_: None)
+    batches = [task.batch(store.train_examples(u)) for u in range(store.num_users)]
+    np.savez(out_dir / "users.npz",
+             input_ids=np.stack([b["input_ids"].numpy() for b in batches]),
+             attention_mask=np.stack([b["attention_mask"].numpy() for b in batches]))
+    save_file({k: v.detach().clone() for k, v in task.model.state_dict().items()}, out_dir / "init.safetensors")
+    gpt2 = {k: v for k, v in task.model.config.to_dict().items()
+            if k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "resid_pdrop", "embd_pdrop",
+                     "attn_pdrop", "bos_token_id", "eos_token_id", "tie_word_embeddings")}
+    (out_dir / "workload.json").write_text(json.dumps({
+        "gpt2_config": gpt2, "rounds": ROUNDS, "expected_cohort": COHORT, "clip": 1.0, "noise_multiplier": 1.0,
+        "server_lr": 1.0, "client_lr": 0.1, "batch_size": 8}))
+
+
+def run_pfl(args) -> dict:
+    threads, procs = PFL_VARIANTS[args.child]
+    py = Path(args.pfl_python)
+    script = str(ROOT / "bench" / "peers" / "pfl_workload.py")
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    base = ["--workload", args.workload, "--out", out, "--threads", str(threads)]
+    cmd = ([str(py), script] if procs == 1 else
+           [str(py.parent / "torchrun"), "--standalone", f"--nproc_per_node={procs}", script])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": ""}
+    proc = subprocess.run(cmd + base, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pfl-research failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return res
+
+
 def child(args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with PeakRSS() as mem:
+    # a peer runs in its own interpreter: count its process tree only, not this launcher
+    with PeakRSS(include_self=args.child not in PFL_VARIANTS) as mem:
         t0 = time.perf_counter()
-        if args.child in ("floor", "floor_compile"):
+        if args.child in PFL_VARIANTS:
+            res = run_pfl(args)
+        elif args.child in ("floor", "floor_compile"):
             res = run_floor(args, compile_model=args.child == "floor_compile")
         elif args.child == "flower_dp":
             res = run_flower_dp(args)
@@ -280,6 +345,7 @@ def child(args) -> None:
             res = run_fedsim(args, args.child)
         res["wall_s"] = time.perf_counter() - t0
     res["peak_rss_mb"] = mem.peak / 2**20
+    res["peak_pss_mb"] = mem.peak_pss / 2**20
     Path(args.out).write_text(json.dumps(res))
 
 
@@ -298,11 +364,19 @@ def main() -> None:
     ap.add_argument("--vector-users", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="rounds per run (the workload: 5)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "shared_workload.json"))
+    ap.add_argument("--pfl-python", default=os.environ.get("FEDSIM_PFL_PYTHON", str(DEFAULT_PFL_PYTHON)),
+                    help="the python of pfl-research's venv (bench/peers/setup_pfl.sh)")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--workload", help=argparse.SUPPRESS)
     args = ap.parse_args()
     ROUNDS = args.rounds
     if args.child:
         return child(args)
+    workload_dir = tempfile.mkdtemp(prefix="shared_workload_")
+    if any(v in PFL_VARIANTS for v in args.variants):
+        if not Path(args.pfl_python).exists():
+            sys.exit(f"pfl-research variants need its venv: run bash bench/peers/setup_pfl.sh (no {args.pfl_python})")
+        export_workload(Path(workload_dir))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDSIM_CACHE_DIR": os.environ.get("FEDSIM_CACHE_DIR", tempfile.gettempdir())}
     runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     for rep in range(args.reps):
@@ -311,7 +385,7 @@ def main() -> None:
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
                 out = f.name
             cmd = [sys.executable, __file__, "--child", v, "--out", out, "--vector-users", str(args.vector_users),
-                   "--rounds", str(ROUNDS)]
+                   "--rounds", str(ROUNDS), "--pfl-python", args.pfl_python, "--workload", workload_dir]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{v} (rep {rep + 1}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -321,7 +395,8 @@ def main() -> None:
             s, ups = steady(res)
             res.update(s_per_round=s, users_per_s=ups)
             runs[v].append(res)
-            print(f"rep {rep + 1} {v}: {s:.3f} s/round, {ups:.1f} users/s, peak {res['peak_rss_mb']:.0f} MB",
+            print(f"rep {rep + 1} {v}: {s:.3f} s/round, {ups:.1f} users/s, peak {res['peak_rss_mb']:.0f} MB"
+                  f" (PSS {res['peak_pss_mb']:.0f} MB)",
                   file=sys.stderr, flush=True)
     summary = {}
     for v, rs in runs.items():
@@ -331,6 +406,7 @@ def main() -> None:
         summary[v] = {"s_per_round_median": statistics.median(sp), "s_per_round_min": min(sp), "s_per_round_max": max(sp),
                       "users_per_s_median": statistics.median(ups), "users_per_s_min": min(ups),
                       "users_per_s_max": max(ups), "peak_rss_mb_max": max(r["peak_rss_mb"] for r in rs),
+                      "peak_pss_mb_max": max(r["peak_pss_mb"] for r in rs),
                       "reps": len(rs)}
     floor = summary.get("floor")
     if floor:
@@ -345,6 +421,19 @@ def main() -> None:
     if "fedsim_node" in summary and "flower_dp" in summary:
         targets["node_per_user_no_slower_than_flower_dp"] = (
             summary["fedsim_node"]["users_per_s_median"] >= summary["flower_dp"]["users_per_s_median"])
+    if "pfl" in summary and "fedsim_cohort" in summary:  # issue 18: the pfl-research peer
+        one = summary["fedsim_cohort"]["users_per_s_median"] / summary["pfl"]["users_per_s_median"]
+        targets["one_core_users_per_s_vs_pfl"] = one
+        targets["one_core_at_least_1.2x_pfl"] = one >= 1.2
+        for kind in ("rss", "pss"):
+            mem = summary["fedsim_cohort"][f"peak_{kind}_mb_max"] / summary["pfl"][f"peak_{kind}_mb_max"]
+            targets[f"one_worker_peak_{kind}_vs_pfl"] = mem
+            targets[f"one_worker_{kind}_within_2x_pfl"] = mem <= 2.0
+    two_pfl = [summary[v]["users_per_s_median"] for v in ("pfl_2threads", "pfl_2proc") if v in summary]
+    if two_pfl and "fedsim_cohort2" in summary:
+        two = summary["fedsim_cohort2"]["users_per_s_median"] / max(two_pfl)  # against pfl's faster 2-core way
+        targets["two_cores_users_per_s_vs_pfl"] = two
+        targets["two_cores_at_least_1.2x_pfl"] = two >= 1.2
     import platform
 
     import torch
@@ -357,7 +446,8 @@ def main() -> None:
                     "load_avg_end": os.getloadavg()},
         "date": time.strftime("%Y-%m-%d"),
         "summary": summary, "targets": targets,
-        "runs": {v: [{k: r[k] for k in ("round_times", "cohorts", "peak_rss_mb", "wall_s", "s_per_round", "users_per_s")}
+        "runs": {v: [{k: r[k] for k in ("round_times", "cohorts", "peak_rss_mb", "peak_pss_mb", "wall_s", "s_per_round",
+                                         "users_per_s")}
                      for r in rs] for v, rs in runs.items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

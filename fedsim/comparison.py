@@ -61,7 +61,9 @@ ROWS = {"uls": ("ULS", "uls", "uls"), "els": ("ELS", "els", "els"), "non-private
 
 def _shape(s: dict) -> str:
     if s["method"] == "ULS":
-        return f"{s['steps']} rounds x {s['expected_cohort']:g}"
+        mech = s.get("mechanism") or {}
+        bands = f", MF b={mech['bands']}" if mech.get("mechanism") == "banded_mf" else ""
+        return f"{s['steps']} rounds x {s['expected_cohort']:g}{bands}"
     return f"{s['steps']} steps x {s['expected_batch']:g} k{s['k']}"
 
 
@@ -96,6 +98,8 @@ def print_table(result: dict) -> None:
     if els is not None and els.get("group_privacy_epsilon") is not None:
         print(f"ELS user-level epsilon {_fmt(els['epsilon'])} (mixture PLD); group privacy would give"
               f" {_fmt(els['group_privacy_epsilon'])}")
+    for note in result.get("notes", []):
+        print(f"note: {note}")
 
 
 def _run_or_resume(run_dir: Path, resuming: bool, start, say) -> tuple[Path, dict]:
@@ -128,7 +132,8 @@ def _with(cfg, section: str, **values):
 def non_private(cfg):
     """The reference's config: the same data, model, hyper-parameters and compute, no noise;
     no clipping either unless compare.reference_clip."""
-    cfg = _with(_with(cfg, "dp", epsilon=None, noise_multiplier=0.0, mechanism="gaussian", lmo=None), "run", name="reference")
+    cfg = _with(_with(cfg, "dp", epsilon=None, noise_multiplier=0.0, mechanism="gaussian", lmo=None, banded_mf=None),
+                "run", name="reference")
     if cfg.compare.reference_clip:
         return cfg
     return _with(_with(cfg, "dp", clip_norm=math.inf, adaptive_clip=None), "els", clip_norm=math.inf)
@@ -159,6 +164,12 @@ def run_compare(cfg, say=print, resume_dir: Path | None = None, out_dir: Path | 
     cp = plan_compute(cfg, store)
     uls_cfg = _with(cfg, "run", rounds=cp.uls_rounds, name="uls")
     els_cfg = _with(_with(cfg, "run", name="els"), "els", steps=cp.els_steps)
+    notes = []
+    if cfg.dp.mechanism == "banded_mf" and "els" in methods:  # banded MF is accounted for ULS only
+        notes.append("the ELS arm adds independent Gaussian noise (banded MF is a ULS mechanism here), calibrated to"
+                     " the same (epsilon, delta)")
+        say(f"note: {notes[-1]}")
+        els_cfg = _with(els_cfg, "dp", mechanism="gaussian", banded_mf=None)
     ref_cfg = non_private(uls_cfg if cfg.compare.reference == "uls" else els_cfg)
     # plan every method before anything is written or trained: bad inputs fail here
     say(f"compute budget {cp.budget:,.0f} example gradients: ULS {cp.uls_rounds} rounds x {cp.uls_per_round:.1f}"
@@ -219,7 +230,7 @@ def run_compare(cfg, say=print, resume_dir: Path | None = None, out_dir: Path | 
     result = {"budget": cp.budget, "compute_plan": cp.as_dict(), "epsilon_target": cfg.dp.epsilon,
               "delta": plans[methods[0]].delta, "methods": methods, "reference_shape": cfg.compare.reference,
               **{f"{ROWS[n][1]}_dir": str(dirs[ROWS[n][1]]) for n in methods}, "plot": str(out / "compare.png"),
-              "curves": {k: [list(p) for p in v] for k, v in curves.items()}, **summaries}
+              "curves": {k: [list(p) for p in v] for k, v in curves.items()}, "notes": notes, **summaries}
     if "uls" in methods and "els" in methods:
         uls, els = summaries["uls"], summaries["els"]
         result.update(lower_eval_loss="ULS" if uls["eval_loss_after"] < els["eval_loss_after"] else "ELS",

@@ -6,6 +6,8 @@ fedsim relies on a few internals that the libraries do not promise to keep:
 | --- | --- | --- |
 | flwr 1.41.0 | `flwr.supercore.task_identity.TaskIdentity` globals | messages outside a SuperLink (the in-process grid) |
 | flwr 1.41.0 | `RayBackend` (swapped by name) and its actor pool's `_future_to_actor`, `pool`, `create_actor_fn` | replacing a dead Ray actor |
+| ray 2.55.1 | `ray._private.parameter.RayParams` (`no_monitor`, `include_log_monitor`) | a local Ray without the autoscaler monitor and the log monitor (~160 MB) |
+| flwr 1.41.0 | `vce_api.add_messages_to_queue` (swapped by name), `InMemoryGrid.pull_interval` | polling Flower's message queues every 2 ms, not 0.1 s, when a round has few nodes |
 | dp-accounting 0.6.0 | `rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian` | RDP of the Poisson-subsampled Gaussian (LMO-faithful composition) |
 | dp-accounting 0.6.0 | `PLDAccountant._maybe_compose`, `_pld`, `_value_discretization_interval` | the `pld` accountant composing memoised per-release PLDs |
 | opacus 1.6.0 | `GradSampleModule._close` | removing Opacus' hooks (ELS `per_example: opacus`) |
@@ -26,7 +28,7 @@ from types import SimpleNamespace
 from fedsim.errors import FedsimError
 
 #: the versions whose internals fedsim was written and tested against (pyproject.toml pins them)
-TESTED = {"flwr": "1.41.0", "dp-accounting": "0.6.0", "opacus": "1.6.0", "prv-accountant": "0.2.0"}
+TESTED = {"flwr": "1.41.0", "ray": "2.55.1", "dp-accounting": "0.6.0", "opacus": "1.6.0", "prv-accountant": "0.2.0"}
 
 
 class UntestedVersionError(FedsimError):
@@ -108,6 +110,93 @@ class replacing_dead_ray_actors:
 
     def __exit__(self, *exc):
         self._module.RayBackend = self._original
+        return False
+
+
+#: Flower's simulation engine polls for messages every 0.1 s; with at most this many nodes
+#: (cohort workers) fedsim polls every `FAST_POLL_SECONDS` instead. With a node per user (2,000
+#: nodes) one poll walks every node, so there Flower's 0.1 s stays.
+FAST_POLL_MAX_NODES = 64
+FAST_POLL_SECONDS = 0.002
+
+
+def poll_interval(num_nodes: int) -> float | None:
+    """The message-poll interval fedsim uses for `num_nodes` Flower nodes (None: Flower's own)."""
+    return FAST_POLL_SECONDS if num_nodes <= FAST_POLL_MAX_NODES else None
+
+
+def set_grid_poll_interval(grid, seconds: float | None) -> None:
+    """Flower's in-memory grid sleeps `pull_interval` (0.1 s) between looks for replies."""
+    if seconds is not None and hasattr(grid, "pull_interval"):
+        require_tested("flwr")
+        grid.pull_interval = seconds
+
+
+class polling_messages_every:
+    """Context manager: Flower 1.41's simulation engine takes messages out of its LinkState in
+    a thread that waits 0.1 s between looks (`vce_api.add_messages_to_queue`), and its grid
+    looks for replies every 0.1 s: on average ~0.1 s of idle latency per round, which is 5% of
+    a 2 s round of cohort workers (measured on the shared workload, bench/shared_workload.py).
+    Here the same loop runs with `seconds` between looks (None: Flower's loop unchanged)."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+
+    def __enter__(self):
+        if self.seconds is None:
+            return self
+        require_tested("flwr")
+        from flwr.server.superlink.fleet.vce import vce_api
+
+        self._module, self._original = vce_api, vce_api.add_messages_to_queue
+        seconds = self.seconds
+
+        def add_messages_to_queue(state, queue, nodes_mapping, f_stop):  # Flower 1.41's loop, shorter wait
+            while not f_stop.is_set():
+                for node_id in nodes_mapping:
+                    for msg in state.get_message_ins(node_id=node_id, limit=1):
+                        queue.put(msg)
+                f_stop.wait(seconds)
+
+        vce_api.add_messages_to_queue = add_messages_to_queue
+        return self
+
+    def __exit__(self, *exc):
+        if self.seconds is not None:
+            self._module.add_messages_to_queue = self._original
+        return False
+
+
+# -- ray -----------------------------------------------------------------------------------------
+class lean_local_ray:
+    """Context manager around `ray.init` of a *local* Ray: its head starts without the
+    autoscaler monitor (nothing to autoscale on one machine) and without the log monitor
+    (fedsim passes `log_to_driver=False` unless simulation.verbose, so nothing reads what it
+    forwards): ~80 MB each (bench/ray_memory.py). `ray.init` has no argument for either, so the
+    defaults of its private `RayParams` are set for the duration. `log_monitor`: keep it
+    (verbose runs show the workers' logs)."""
+
+    def __init__(self, log_monitor: bool = False):
+        self.log_monitor = log_monitor
+
+    def __enter__(self):
+        require_tested("ray")
+        from ray._private import parameter
+
+        self._cls, self._original = parameter.RayParams, parameter.RayParams.__init__
+        original, log_monitor = self._original, self.log_monitor
+
+        def __init__(params, *args, **kwargs):
+            original(params, *args, **kwargs)
+            params.no_monitor = True
+            if not log_monitor:
+                params.include_log_monitor = False
+
+        self._cls.__init__ = __init__
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.__init__ = self._original
         return False
 
 

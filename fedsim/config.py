@@ -235,6 +235,16 @@ class AdaptiveClipConfig(_Strict):
                                        " els.clip_norm if set)")
 
 
+class BandedMfConfig(_Strict):
+    """Banded matrix-factorization noise (dp.mechanism: banded_mf), with cyclic Poisson user sampling."""
+
+    bands: int = Field(4, ge=1, description="b: nonzero bands of the strategy C, and user groups (user id mod b;"
+                       " round t samples group (t - 1) mod b at rate b x q); 1: DP-FedAvg exactly; at most the rounds")
+    strategy: Literal["sqrt", "optimized"] = Field("sqrt", description="sqrt: banded square root of the prefix-sum"
+                                                   " matrix; optimized: banded Toeplitz C minimising the prefix-sum"
+                                                   " error for the planned rounds")
+
+
 class DpConfig(_Strict):
     """User-level differential privacy: budget, clipping, noise, accounting."""
 
@@ -251,9 +261,16 @@ class DpConfig(_Strict):
                                            " update and count (the update's own noise is larger)")
     accountant: Literal["pld", "rdp", "prv", "edgeworth", "lmo_faithful"] = Field(
         "pld", description="the accountant that reports epsilon")
-    mechanism: Literal["gaussian", "lmo"] = Field("gaussian", description="the noise added to the clipped sum")
+    mechanism: Literal["gaussian", "lmo", "banded_mf"] = Field("gaussian", description="the noise added to the"
+                                                                " clipped sum (banded_mf: ULS only, correlated"
+                                                                " across rounds)")
     lmo: dict[str, Any] | None = Field(None, description="lmo: parameters, or {\"search\":"
                                        " path-to-search-result.json} (None: searched for dp.epsilon)")
+    banded_mf: BandedMfConfig | None = Field(None, description="banded_mf: {bands: b, integer >= 1, at most the"
+                                             " rounds (default 4; 1 = DP-FedAvg), strategy: sqrt (default) or"
+                                             " optimized}; users are split into b groups (id mod b), round t samples"
+                                             " group (t - 1) mod b at rate b x q (null: the defaults); only with"
+                                             " dp.mechanism banded_mf")
     # true: anyone with config.yaml can regenerate every secret draw (fedsim/privacy/randomness.py)
     reproducible: bool = Field(False, description="true: cohorts, ELS samples and noise are derived from run.seed,"
                                " so the reported epsilon does not hold (tests and debugging only); false: a fresh"
@@ -381,6 +398,12 @@ class ExperimentConfig(_Strict):
         if self.dp.adaptive_clip is not None and self.dp.mechanism != "gaussian":
             raise ValueError(f"dp.adaptive_clip needs dp.mechanism gaussian (got {self.dp.mechanism!r}): its noise"
                              " split and accounting are for Gaussian noise")
+        if self.dp.banded_mf is not None and self.dp.mechanism != "banded_mf":
+            raise ValueError(f"dp.banded_mf is set but dp.mechanism is {self.dp.mechanism!r}: banded MF noise is"
+                             " its own mechanism (dp.mechanism: banded_mf) and cannot be combined with another")
+        if self.dp.lmo is not None and self.dp.mechanism == "banded_mf":
+            raise ValueError("dp.lmo is set but dp.mechanism is 'banded_mf': LMO noise cannot be combined with"
+                             " banded MF (drop dp.lmo)")
         if self.uls.vectorise and self.uls.client_optimizer != "sgd":
             raise ValueError("uls.vectorise needs uls.client_optimizer sgd (one SGD step is a per-user gradient)")
         return self

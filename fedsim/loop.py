@@ -73,7 +73,8 @@ def _train(cfg, plan, task, evalset, method: Method, run_dir: Path, randomness, 
     eval_every = (ckpt or {}).get("eval_every") or eval_every or cfg.run.eval_every
     # the ledger is the durable record; the budget's live accountant is rebuilt from it once
     ledger = PrivacyLedger(run_dir / "privacy_ledger.jsonl")
-    budget = PrivacyBudget(plan.make_accountant, plan.delta, plan.target_epsilon, ledger.events())
+    budget = PrivacyBudget(plan.make_accountant, plan.delta, plan.target_epsilon, ledger.events(), ledger.groups(),
+                           ledger.partitions())
     release = Release(mechanism=plan.mechanism, event=plan.event, ledger=ledger, budget=budget, randomness=randomness,
                       purpose=method.name.lower(), denominator=plan.denominator, resumed=ckpt is not None,
                       after_record=kill_after_recording(None if ckpt else cfg.simulation.faults.server_crash_round))

@@ -115,7 +115,7 @@ class MeanUls(_Canaried):
     name, key, sign = "ULS", "round", 1.0
 
     def __init__(self, cfg, plan, store, randomness):
-        from fedsim.sampling import PoissonSampler
+        from fedsim.sampling import participation_sampler
 
         self.cfg, self.plan, self.store = cfg, plan, store
         self._setup_canaries(store, randomness)
@@ -124,7 +124,8 @@ class MeanUls(_Canaried):
         used = cfg.uls.max_examples_per_user or x.shape[1]
         self.xbar, self.used = x[:real, :used].mean(1), min(used, x.shape[1])
         self.shrink = 1.0 - (1.0 - cfg.uls.client_lr) ** cfg.uls.local_epochs
-        self.sampler = PoissonSampler(plan.num_users, plan.q, randomness, "uls-cohort")
+        self.sampler = participation_sampler(plan.num_users, plan.q, plan.mechanism.participation_groups, randomness,
+                                             "uls-cohort")
         self.optimizer = (cfg.uls.server_optimizer, cfg.uls.server_lr, cfg.uls.server_momentum)
 
     def clipped_sum(self, step: int, weights: torch.Tensor, clip_norm: float):

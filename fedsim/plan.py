@@ -194,7 +194,8 @@ def kept_examples(counts, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 #: dp.mechanism -> (module, class): imported when a run names it
 MECHANISMS = {"gaussian": ("fedsim.privacy.mechanisms", "GaussianMechanism"),
-              "lmo": ("fedsim.privacy.lmo", "LmoMechanism")}
+              "lmo": ("fedsim.privacy.lmo", "LmoMechanism"),
+              "banded_mf": ("fedsim.privacy.mechanisms", "BandedMFMechanism")}
 
 
 def mechanism_class(name: str) -> type[NoiseMechanism]:
@@ -202,6 +203,27 @@ def mechanism_class(name: str) -> type[NoiseMechanism]:
 
     module, cls = MECHANISMS[name]
     return getattr(importlib.import_module(module), cls)
+
+
+def _run_mechanism_class(cfg, *, q: float, steps: int, k: int | None) -> type[NoiseMechanism]:
+    """dp.mechanism's class, bound to this run's shape where the mechanism needs it: banded MF's
+    strategy (dp.banded_mf) for the planned rounds. Its bad parameters are one-line ConfigErrors."""
+    cls = mechanism_class(cfg.dp.mechanism)
+    if cfg.dp.mechanism != "banded_mf":
+        return cls
+    from fedsim.config import BandedMfConfig
+
+    mf = cfg.dp.banded_mf or BandedMfConfig()
+    if k is not None:
+        raise ConfigError("dp.mechanism=banded_mf is a ULS mechanism (cyclic Poisson user sampling); ELS has no banded"
+                          " accounting here: run ELS with dp.mechanism gaussian")
+    if mf.bands > steps:
+        raise ConfigError(f"dp.banded_mf.bands={mf.bands} is larger than the {steps} planned rounds; use at most"
+                          f" {steps} bands")
+    if mf.bands * q > 1:
+        raise ConfigError(f"dp.banded_mf.bands={mf.bands} needs an in-group sampling rate bands x q = {mf.bands} x"
+                          f" {q:.4g} = {mf.bands * q:.4g} > 1; lower the bands or uls.expected_cohort")
+    return cls.configured(bands=mf.bands, strategy=mf.strategy, rounds=steps)
 
 
 def _choose_accountant(cfg, cls: type[NoiseMechanism], probe: dp_event.DpEvent, options: dict,
@@ -233,7 +255,8 @@ def _calibrated(cls: type[NoiseMechanism], clip: float, **setting) -> NoiseMecha
 
     if cls.config_key != "noise_multiplier":
         return cls.calibrated(clip, cache=ResultCache(), **setting)
-    key = json.dumps({"v": 1, "mechanism": cls.name, **setting}, sort_keys=True, default=str)
+    groups = {"participation_groups": cls.participation_groups} if cls.participation_groups != 1 else {}
+    key = json.dumps({"v": 1, "mechanism": cls.name, **groups, **setting}, sort_keys=True, default=str)
     path = cache_dir("calibration", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -253,7 +276,7 @@ def _mechanism_for(cfg, *, clip: float, q: float, steps: int, delta: float, k: i
     dp = cfg.dp
     what = (f"{dp.mechanism} noise with Poisson user sampling" if k is None
             else f"the ELS mixture of {dp.mechanism} noise over Binomial(k={k}, q)")
-    cls = mechanism_class(dp.mechanism)
+    cls = _run_mechanism_class(cfg, q=q, steps=steps, k=k)
     errors = (ValueError, TypeError, KeyError, OSError)
     try:
         mech = cls.from_spec(clip, getattr(dp, cls.config_key), dimension)

@@ -6,6 +6,7 @@ This is the one module of `fedsim` that imports the Flower glue packages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -13,7 +14,13 @@ import threading
 import time
 from pathlib import Path
 
-from fedsim.compat import replacing_dead_ray_actors, set_message_ids_outside_a_superlink
+from fedsim.compat import (
+    lean_local_ray,
+    poll_interval,
+    polling_messages_every,
+    replacing_dead_ray_actors,
+    set_message_ids_outside_a_superlink,
+)
 from fedsim.errors import FedsimError
 
 
@@ -105,12 +112,12 @@ def run_flower(cfg, plan, task, evalset, run_dir: Path, randomness, say=print, r
 
     def simulate() -> None:
         try:
-            with replacing_dead_ray_actors():
+            with replacing_dead_ray_actors(), polling_messages_every(poll_interval(nodes)):
                 run_simulation(server_app=make_server_app(outcome, *args, say=print, resume=resume,
-                                                               observer=observer),
+                                                               observer=observer, poll_seconds=poll_interval(nodes)),
                                client_app=make_client_app(cfg), num_supernodes=nodes, backend_config=backend_config,
                                verbose_logging=cfg.simulation.verbose)
-        except BaseException as exc:  # noqa: BLE001 -- surfaced below, in the calling thread
+        except BaseException as exc:
             outcome.setdefault("error", exc)
 
     try:
@@ -206,8 +213,11 @@ def init_ray(cfg) -> None:
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
-                 **local_ray_resources(cfg), **ray_backend_config(cfg)["init_args"])
+        # a local head without the monitors nothing here uses (fedsim/compat.py); a cluster is as started
+        lean = contextlib.nullcontext() if cfg.simulation.ray_address else lean_local_ray(cfg.simulation.verbose)
+        with lean:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
+                     **local_ray_resources(cfg), **ray_backend_config(cfg)["init_args"])
 
 
 def local_ray_resources(cfg) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim.compat import set_grid_poll_interval
 from fedsim.loop import train
 from strategies.uls_strategy import UlsStrategy
 
@@ -31,17 +32,20 @@ def run_server(grid: Grid, cfg, plan, task, evalset, run_dir: Path, randomness, 
                            clip_norm=plan.mechanism.clip_norm, randomness=randomness,
                            users_per_client=uls.users_per_client, expected_cohort=uls.expected_cohort, grid=grid,
                            timeout=cfg.simulation.timeout,
-                           optimizer=(uls.server_optimizer, uls.server_lr, uls.server_momentum), present=present)
+                           optimizer=(uls.server_optimizer, uls.server_lr, uls.server_momentum), present=present,
+                           participation_groups=plan.mechanism.participation_groups)
     return train(cfg, plan, task, evalset, strategy, run_dir, randomness, say, resume, observer=observer)
 
 
-def make_server_app(outcome: dict, *args, **kwargs) -> ServerApp:
-    """A ServerApp running `run_server(grid, *args, **kwargs)`; `outcome` receives the summary or the error."""
+def make_server_app(outcome: dict, *args, poll_seconds: float | None = None, **kwargs) -> ServerApp:
+    """A ServerApp running `run_server(grid, *args, **kwargs)`; `outcome` receives the summary or the error.
+    `poll_seconds`: how often the grid looks for replies (None: Flower's 0.1 s; `fedsim.compat.poll_interval`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
+            set_grid_poll_interval(grid, poll_seconds)
             outcome["summary"] = run_server(grid, *args, **kwargs)
         except BaseException as exc:  # surfaced by fedsim.simulate after Flower returns
             outcome["error"] = exc

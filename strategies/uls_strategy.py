@@ -3,8 +3,10 @@ the training loop's method adaptor for ULS (`fedsim/loop.py`).
 
 One round's clipped sum (docs/architecture.md, "One ULS round"):
 1. `configure_train`: a Poisson(q) cohort of users is drawn from the secret randomness source
-   (`fedsim/privacy/randomness.py`); its users are sent, with the current trainable weights
-   and the round's clip norm C_t (public: fixed, or adaptive clipping's post-processed value),
+   (`fedsim/privacy/randomness.py`) -- or, when the mechanism asks for participation groups
+   (banded MF), a cyclic Poisson cohort of the round's group (`fedsim/sampling.py`); its users
+   are sent, with the current trainable weights and the round's clip norm C_t (public: fixed,
+   or adaptive clipping's post-processed value),
    to Flower nodes (one user per node, or lists of users to cohort workers).
 2. Clients reply with the *sum of individually clipped deltas*, a user count and the number of
    users clipped.
@@ -29,19 +31,22 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim.privacy import sabotage
 from fedsim.privacy.randomness import SecretRandomness
-from fedsim.sampling import PoissonSampler
+from fedsim.sampling import participation_sampler
 
 log = logging.getLogger("fedsim")
 
 
 def assign_users_to_nodes(cohort: np.ndarray, node_ids: list[int], users_per_client: int,
-                          num_buckets: int | None = None) -> list[tuple[int, int, list[int]]]:
+                          num_buckets: int | None = None, stride: int = 1) -> list[tuple[int, int, list[int]]]:
     """(node id, message key, users) of each message of a round.
 
     One user per message (`users_per_client == 1`): user u goes to node u mod #nodes, keyed u.
     Cohort workers: user u belongs to bucket u mod B, whatever else was sampled, one message
     per non-empty bucket (B = `num_buckets`, about expected cohort / users_per_client; a
     bucket holds Binomial-many users around users_per_client), bucket b to node b mod #nodes.
+    With cyclic Poisson sampling (banded MF) a round samples only users u = g mod `stride`, so the
+    bucket is (u // stride) mod B: u mod B would put a whole round in one bucket when B and the
+    number of groups share a factor (b = B = 4: every round one message, one busy worker).
     A user's message never depends on who else was sampled, so a lost message (a dead
     worker, a timeout) removes a set of users fixed by their ids: between neighbouring
     datasets the summed sets differ by one user at most, and the sensitivity stays C. (Slicing
@@ -54,8 +59,9 @@ def assign_users_to_nodes(cohort: np.ndarray, node_ids: list[int], users_per_cli
         return [(node_ids[u % len(node_ids)], u, [u]) for u in users]
     buckets = max(1, int(num_buckets or 1))
     groups: dict[int, list[int]] = {}
+    stride = max(1, int(stride))
     for u in users:
-        groups.setdefault(u % buckets, []).append(u)
+        groups.setdefault((u // stride) % buckets, []).append(u)
     return [(node_ids[b % len(node_ids)], b, g) for b, g in sorted(groups.items())]
 
 
@@ -66,13 +72,15 @@ class UlsStrategy(Strategy):
                  randomness: SecretRandomness,
                  users_per_client: int = 1, expected_cohort: float | None = None, grid: Grid | None = None,
                  timeout: float | None = None, optimizer: tuple[str, float, float] = ("sgd", 1.0, 0.9),
-                 present=None):
+                 present=None, participation_groups: int = 1):
         if not 0 < sampling_rate <= 1:
             raise ValueError("The sampling rate should be in (0, 1].")
         self.num_users, self.dimension, self.q, self.clip_norm = num_users, dimension, sampling_rate, clip_norm
         # messages group users by id into about expected_cohort / users_per_client buckets
         self.expected_cohort = expected_cohort if expected_cohort is not None else sampling_rate * num_users
-        self.sampler = PoissonSampler(num_users, sampling_rate, randomness, "uls-cohort")  # the secret cohort
+        # the secret cohort: Poisson(q), or cyclic Poisson over the mechanism's participation groups
+        self.sampler = participation_sampler(num_users, sampling_rate, participation_groups, randomness, "uls-cohort")
+        self.sampler_groups = int(participation_groups)
         self.users_per_client, self.grid, self.timeout, self.optimizer = users_per_client, grid, timeout, optimizer
         # `fedsim audit`: drops the canaries whose secret coin left them out (fedsim/auditing/canaries.py)
         self.present = present
@@ -103,7 +111,7 @@ class UlsStrategy(Strategy):
             cohort, real = self.present(cohort)
         node_ids = sorted(grid.get_node_ids())
         buckets = math.ceil(self.expected_cohort / self.users_per_client)
-        groups = assign_users_to_nodes(cohort, node_ids, self.users_per_client, buckets)
+        groups = assign_users_to_nodes(cohort, node_ids, self.users_per_client, buckets, self.sampler_groups)
         self._round = {"cohort": real, "messages": len(groups)}
         messages = []
         for node_id, key, users in groups:

@@ -137,12 +137,12 @@ def regenerate_cohorts(cfg, plan, canaries: Canaries, steps: list[int]) -> np.nd
     from run.seed. Right only when the run's key is the public function of run.seed that
     `dp.reproducible: true` makes it: the leak the auditor exploits."""
     from fedsim.privacy.randomness import SecretRandomness
-    from fedsim.sampling import PoissonSampler
+    from fedsim.sampling import PoissonSampler, participation_sampler
 
     r = SecretRandomness.from_seed(cfg.run.seed)
     out = np.zeros((len(steps), canaries.count), dtype=np.int64)
-    if plan.k is None:
-        sampler = PoissonSampler(plan.num_users, plan.q, r, "uls-cohort")
+    if plan.k is None:  # the run's own schema: Poisson, or cyclic Poisson over the mechanism's groups (banded MF)
+        sampler = participation_sampler(plan.num_users, plan.q, plan.mechanism.participation_groups, r, "uls-cohort")
         for i, t in enumerate(steps):
             j = canaries.index(sampler.sample(t))
             np.add.at(out[i], j[j >= 0], 1)
@@ -156,18 +156,17 @@ def regenerate_cohorts(cfg, plan, canaries: Canaries, steps: list[int]) -> np.nd
 
 def regenerate_noise_projections(cfg, observer: CanaryObserver) -> np.ndarray:
     """[releases, m]: <z_t, c_j> for the noise z_t each release drew, regenerated from run.seed
-    exactly as `NoiseMechanism.add_noise` drew it (the same stream, the same chunks). Right only
+    by the mechanism's own noise process (`NoiseMechanism.noise_process`: the same stream, the same
+    chunks, and for banded MF the same correlation across releases), added to zeros. Right only
     when the key is the public function of run.seed that `dp.reproducible: true` makes it."""
-    from fedsim.privacy.randomness import NOISE_CHUNK, SecretRandomness
+    from fedsim.privacy.randomness import SecretRandomness
 
     plan, d = observer.plan, observer.directions.shape[1]
     purpose = "uls" if plan.k is None else "els"
-    r = SecretRandomness.from_seed(cfg.run.seed)
+    process = plan.mechanism.noise_process(SecretRandomness.from_seed(cfg.run.seed), f"{purpose}-noise")
     out = np.zeros((len(observer.steps), observer.canaries.count))
     for i, t in enumerate(observer.steps):
-        stream = r.stream(f"{purpose}-noise", t)
-        z = torch.cat([plan.mechanism.sample_noise(stream, min(NOISE_CHUNK, d - start))
-                       for start in range(0, d, NOISE_CHUNK)])
+        z = process.add(torch.zeros(d, dtype=torch.float64), t)[0]
         out[i] = (observer.directions.double() @ z).numpy()
     return out
 

@@ -96,7 +96,7 @@ class Canaries:
     def clipped_update(self, j: int, dimension: int, clip_norm: float, sign: float = 1.0) -> torch.Tensor:
         """sign x the raw contribution, clipped to C by the factor every user and example gets
         (`clip_factor`): what a gradient canary adds to the sum."""
-        from fedsim.privacy.mechanisms import clip_factor, update_norm
+        from fedsim.privacy.clipping import clip_factor, update_norm
 
         g = self.raw_update(j, dimension, clip_norm).mul_(sign)
         return g.mul_(clip_factor(update_norm(g), clip_norm))

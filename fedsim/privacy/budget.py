@@ -11,6 +11,7 @@ record: a resumed run rebuilds the budget from it once.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterable
 
@@ -18,21 +19,28 @@ from dp_accounting import dp_event
 from dp_accounting import privacy_accountant as dpa
 
 from fedsim.errors import BudgetExceededError
+from fedsim.privacy.ledger import WorstGroup
 
 
 class PrivacyBudget:
     def __init__(self, make_accountant: Callable[[], dpa.PrivacyAccountant], delta: float,
-                 target_epsilon: float | None, history: Iterable[dp_event.DpEvent] = ()):
+                 target_epsilon: float | None, history: Iterable[dp_event.DpEvent] = (),
+                 groups: Iterable[int | None] | None = None, partitions: Iterable[int | None] | None = None):
         self.delta, self.target = delta, target_epsilon
         self._done = make_accountant()  # composed with every finished run
         self._run: list | None = None  # [event, count] of the current run, not yet composed
+        self._worst = WorstGroup()  # releases on one participation group count for the worst group only
         self.releases = 0
-        for event in history:
-            self.compose(event)
+        for event, group, n in zip(history, groups if groups is not None else itertools.repeat(None),
+                                   partitions if partitions is not None else itertools.repeat(None)):
+            self.compose(event, group, n)
 
-    def compose(self, event: dp_event.DpEvent) -> None:
-        """Count one release (once it is recorded in the ledger)."""
+    def compose(self, event: dp_event.DpEvent, group: int | None = None, groups: int | None = None) -> None:
+        """Count one release (once it is recorded in the ledger); `group`: the participation group it
+        touches (banded MF), None if every user; `groups`: how many groups its partition has."""
         self.releases += 1
+        if not self._worst.add(event, group, groups):  # within the worst group's count: epsilon unchanged
+            return
         if self._run is not None and self._run[0] == event:
             self._run[1] += 1
             return
@@ -58,9 +66,9 @@ class PrivacyBudget:
     def spent(self) -> float:
         return self._epsilon()
 
-    def check(self, event: dp_event.DpEvent) -> float:
-        """Epsilon after `event`; raises BudgetExceededError if that exceeds the target."""
-        eps = self._epsilon(event)
+    def check(self, event: dp_event.DpEvent, group: int | None = None, groups: int | None = None) -> float:
+        """Epsilon after `event` (on `group` of `groups`); raises BudgetExceededError if that exceeds the target."""
+        eps = self._epsilon(event if self._worst.adds(event, group, groups) else None)
         if self.target is not None and not (eps <= self.target * (1 + 1e-9)):
             raise BudgetExceededError(
                 f"the next release would spend epsilon={eps:.4g} > budget {self.target:g} at delta={self.delta:g}"

@@ -57,6 +57,49 @@ def event_from_dict(d: dict) -> dp_event.DpEvent:
     return _EVENT_TYPES[kind](**{k: dec(v) for k, v in d.items() if k != "type"})
 
 
+class WorstGroup:
+    """Which releases add to the composition when each user belongs to one fixed participation
+    group and a release (a ledger entry with a "group") touches only that group's users (banded
+    MF's cyclic Poisson sampling, `fedsim/privacy/banded_mf.py`).
+
+    A user's privacy loss composes the releases of its own group only, so the run's epsilon is the
+    worst group's. Kept as one composition: for each event, as many copies as the group with the
+    most of them holds (an upper bound on every group's composition; exact when, as in a run, all
+    grouped events are equal). A release without a group touches everyone and always adds.
+
+    Counts are kept per partition (`groups`, the number of groups) as well as per event: group 1 of
+    3 and group 1 of 2 are different sets of users, and a user's loss adds the worst group of each
+    partition (a run resumed after its config changed the bands while keeping p = b q, hence the
+    event: bands 3 -> 2 after round 7 puts user 3 in 3 + 1 releases, while counting group indices
+    across both partitions gave 3)."""
+
+    def __init__(self):
+        self._count: dict[tuple[int, str], int] = {}
+        self._max: dict[str, int] = {}
+
+    @staticmethod
+    def _key(event: dp_event.DpEvent, groups: int | None = None) -> str:
+        return json.dumps({"event": event_to_dict(event), "groups": groups}, sort_keys=True)
+
+    def adds(self, event: dp_event.DpEvent, group: int | None, groups: int | None = None) -> bool:
+        """Whether one more release of `event` on `group` (of `groups`) raises the composition (nothing changes)."""
+        if group is None:
+            return True
+        key = self._key(event, groups)
+        return self._count.get((int(group), key), 0) + 1 > self._max.get(key, 0)
+
+    def add(self, event: dp_event.DpEvent, group: int | None, groups: int | None = None) -> bool:
+        """Count the release; True if it adds to the composition."""
+        if group is None:
+            return True
+        key = self._key(event, groups)
+        n = self._count[(int(group), key)] = self._count.get((int(group), key), 0) + 1
+        if n > self._max.get(key, 0):
+            self._max[key] = n
+            return True
+        return False
+
+
 def compress(events: list[dp_event.DpEvent]) -> dp_event.DpEvent:
     """The composition of `events`, runs of identical events as SelfComposedDpEvents (fast PLD/RDP)."""
     runs = [(ev, sum(1 for _ in run)) for ev, run in itertools.groupby(events)]
@@ -114,10 +157,20 @@ class PrivacyLedger:
             prev = e["event"]
         return out
 
+    def groups(self) -> list[int | None]:
+        """Each entry's participation group (None: a release that touches every user)."""
+        return [e.get("group") for e in self.entries]
+
+    def partitions(self) -> list[int | None]:
+        """Each entry's number of participation groups (None without groups)."""
+        return [e.get("groups") for e in self.entries]
+
     def total_event(self) -> dp_event.DpEvent:
         """The composition of every recorded release, runs of identical events as
-        `SelfComposedDpEvent`s: what the run's budget composed, in the same order."""
-        return compress(self.events())
+        `SelfComposedDpEvent`s: what the run's budget composed, in the same order. Releases
+        recorded with a participation group count for the worst group only (`WorstGroup`)."""
+        worst = WorstGroup()
+        return compress([ev for ev, g, n in zip(self.events(), self.groups(), self.partitions()) if worst.add(ev, g, n)])
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -13,6 +13,7 @@ C, the sum of clipped updates changes by at most C in L2.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 
 import torch
@@ -20,33 +21,8 @@ from dp_accounting import dp_event
 
 from fedsim.privacy import sabotage
 from fedsim.privacy.accounting import UnsupportedEventError, check_positive
+from fedsim.privacy.clipping import clip_factor, per_user_clip, update_norm  # noqa: F401 -- re-exported
 from fedsim.privacy.randomness import NOISE_CHUNK, RandomStream, snap_to_grid
-
-
-def update_norm(update: torch.Tensor) -> float:
-    """L2 norm of an update, accumulated in float64 (torch's float32 CPU vector_norm is 0.75%
-    low at 85M entries). NaN if the update has a NaN; inf if it has an inf -- or if squaring a
-    huge float32 entry overflowed, which the float64 fallback then resolves."""
-    norm = float(update.float().pow(2).sum(dtype=torch.float64).sqrt())
-    if math.isinf(norm) and bool(torch.isfinite(update).all()):
-        norm = float(torch.linalg.vector_norm(update.double()))
-    return norm
-
-
-def clip_factor(norm: float, clip_norm: float) -> float:
-    """min(1, C / (norm + 1e-6)): the Opacus factor; the clipped update is strictly inside the ball."""
-    if sabotage.active("no-clip"):  # the audit's self-test only (fedsim/privacy/sabotage.py)
-        return 1.0
-    return min(1.0, clip_norm / (norm + 1e-6))
-
-
-def per_user_clip(update: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, float]:
-    """Scale `update` in place to L2 norm <= clip_norm (direction kept). Returns (update, norm before)."""
-    norm = update_norm(update)
-    factor = clip_factor(norm, clip_norm)
-    if factor < 1.0:
-        update.mul_(factor)
-    return update, norm
 
 
 def binomial_pmf(k: int, q: float) -> list[float]:
@@ -65,6 +41,9 @@ class NoiseMechanism(abc.ABC):
     #: the `dp.<key>` config entry that gives this mechanism's noise outright (`from_spec`)
     config_key: str = ""
     needs_dimension = False  # whether its accounting tightens with the number of noised coordinates
+    #: users are split into this many fixed groups by id (u mod groups); round t samples only group
+    #: (t - 1) mod groups, at `groups` times the ULS rate (cyclic Poisson sampling, banded MF). 1: plain Poisson
+    participation_groups: int = 1
 
     @classmethod
     def from_spec(cls, clip_norm: float, spec, dimension: int | None = None) -> "NoiseMechanism | None":
@@ -88,6 +67,15 @@ class NoiseMechanism(abc.ABC):
         if not clip_norm > 0:
             raise ValueError(f"clip norm must be positive, got {clip_norm!r}")
         self.clip_norm = float(clip_norm)
+
+    def participation_group(self, step: int) -> int | None:
+        """The user group that round `step` samples (recorded in the ledger), None without groups."""
+        return (step - 1) % self.participation_groups if self.participation_groups > 1 else None
+
+    def noise_process(self, randomness, purpose: str) -> IndependentNoise:
+        """The noise of one run's releases, step by step: `add(aggregate, step)`. Independent noise
+        here (a pure function of the keystream (purpose, step)); correlated noise keeps a state."""
+        return IndependentNoise(self, randomness, purpose)
 
     def constrain_sensitivity(self, update: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Clip one user's update (in place) to L2 norm <= C."""
@@ -244,3 +232,89 @@ class GaussianMechanism(NoiseMechanism):
 
     def describe(self) -> dict:
         return {**super().describe(), "noise_multiplier": self.noise_multiplier}
+
+
+class IndependentNoise:
+    """Fresh noise per release: step t's noise comes from the keystream (purpose, t) alone."""
+
+    def __init__(self, mechanism: NoiseMechanism, randomness, purpose: str):
+        self.mechanism, self.randomness, self.purpose = mechanism, randomness, purpose
+
+    def add(self, aggregate: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        return self.mechanism.add_noise(aggregate, self.randomness.stream(self.purpose, step))
+
+
+class BandedMFMechanism(GaussianMechanism):
+    """Banded matrix-factorization noise (DP-FTRL / BandMF) with cyclic Poisson sampling of users:
+    round t releases sum_t + sigma C (C_s^{-1} Z)_t for a b-banded Toeplitz strategy C_s with max
+    column norm 1, and samples only user group (t - 1) mod b, each member with p = b q. Accounted as
+    ceil(T / b) compositions of PoissonSampled(p, Gaussian(sigma)) (Choquette-Choo et al. 2023,
+    arXiv 2306.08153, Sec. 5, Theorem 1; threat model and argument in `fedsim/privacy/banded_mf.py`).
+    b = 1 is `GaussianMechanism` exactly: the same cohorts, noise, events and epsilon.
+
+    The strategy is bound to a run's shape by `configured(bands=, strategy=, rounds=)`, a subclass
+    the plan builds from `dp.banded_mf`; ULS only (ELS has no banded accounting here)."""
+
+    name = "banded_mf"
+    bands: int = 1
+    strategy_kind: str = "sqrt"
+    rounds: int = 1
+
+    @classmethod
+    def configured(cls, *, bands: int, strategy: str, rounds: int) -> type[BandedMFMechanism]:
+        from fedsim.privacy.banded_mf import STRATEGIES, check_bands
+
+        check_bands(bands, rounds)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        return type(f"BandedMF{bands}{strategy.capitalize()}", (cls,),
+                    {"bands": int(bands), "strategy_kind": strategy, "rounds": int(rounds),
+                     "participation_groups": int(bands), "__doc__": cls.__doc__})
+
+    @property
+    def strategy(self):
+        """The `BandedStrategy` (built once per (bands, kind, rounds): the optimised one solves a small L-BFGS)."""
+        return _strategy(self.bands, self.strategy_kind, self.rounds)
+
+    def noise_label(self) -> str:
+        return f"banded MF b={self.bands} ({self.strategy_kind}), sigma={self.noise_multiplier:.4g}"
+
+    def group_privacy_epsilon(self, k: int, q: float, steps: int, delta: float) -> float | None:
+        return None
+
+    def sampled_event(self, q: float) -> dp_event.DpEvent:
+        """One round of one group: PoissonSampled(p = b q, Gaussian(sigma))."""
+        from fedsim.privacy.banded_mf import participation_rate
+
+        return super().sampled_event(participation_rate(q, self.bands))
+
+    def mixture_event(self, k: int, q: float) -> dp_event.DpEvent:
+        raise UnsupportedEventError("banded MF noise is a ULS mechanism here (no ELS user-level accounting)")
+
+    def run_event(self, q: float, steps: int, k: int | None = None) -> dp_event.DpEvent:
+        """`steps` rounds: ceil(steps / b) compositions of `sampled_event(q)` (each user is in one group)."""
+        from fedsim.privacy.banded_mf import participations
+
+        if k is not None:
+            return self.mixture_event(k, q)
+        return dp_event.SelfComposedDpEvent(self.sampled_event(q), participations(steps, self.bands))
+
+    def noise_process(self, randomness, purpose: str):
+        from fedsim.privacy.banded_mf import BandedNoise
+
+        return BandedNoise(self.strategy, self.noise_multiplier * self.clip_norm if self.noise_multiplier else 0.0,
+                           self.grid_scale(), randomness, purpose)
+
+    def describe(self) -> dict:
+        out = {**super().describe(), "bands": self.bands, "strategy": self.strategy_kind, "strategy_rounds": self.rounds,
+               "participation": f"cyclic Poisson: group (t - 1) mod {self.bands} of users u mod {self.bands}"}
+        if self.noise_multiplier:
+            out["strategy_coefficients"] = list(self.strategy.coefficients)
+        return out
+
+
+@functools.lru_cache(maxsize=16)
+def _strategy(bands: int, kind: str, rounds: int):
+    from fedsim.privacy.banded_mf import BandedStrategy
+
+    return BandedStrategy.build(bands, kind, rounds)

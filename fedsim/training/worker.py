@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedsim.privacy.mechanisms import clip_factor, update_norm
+from fedsim.privacy.clipping import clip_factor, update_norm
 from fedsim.training.local import train_user, user_generator
 
 log = logging.getLogger("fedsim")
