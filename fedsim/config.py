@@ -308,7 +308,8 @@ class SimulationConfig(_Strict):
     """How the Flower simulation runs."""
 
     backend: Literal["ray", "inprocess"] = Field("ray", description="ray: Flower's simulation engine; inprocess:"
-                                                 " same logic, no Ray (debug)")
+                                                 " the same strategy, messages and workers in this process, no"
+                                                 " Ray (one worker: least memory)")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per Flower client (actor)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor, fractional allowed (0.25 = four actors per"
                             " GPU)")

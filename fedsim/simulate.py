@@ -1,5 +1,6 @@
 """Assemble and run the Flower app: the ServerApp (server/) and ClientApp (clients/) on
-Flower's simulation engine with the Ray backend, or in-process (same logic, no Ray).
+Flower's simulation engine with the Ray backend, or in-process (the same strategy, messages and
+workers, no Ray).
 
 This is the one module of `fedsim` that imports the Flower glue packages.
 """
