@@ -158,8 +158,8 @@ def main() -> None:
               "summary": summary, "runs": rows, "table": "\n".join(lines)}
     stem = Path(args.out) if args.out else ROOT / "bench" / "out" / f"mechanism_comparison_{args.task}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(result["table"] + "\n")
+    stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(result, indent=2))  # not with_suffix: "lr0.2"
+    stem.parent.joinpath(stem.name + ".md").write_text(result["table"] + "\n")
     print(json.dumps(result, indent=2))
     print(result["table"], file=sys.stderr)
 
