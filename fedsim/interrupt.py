@@ -65,8 +65,10 @@ def installed() -> bool:
 
 
 def resume_command() -> str | None:
-    """The outermost registered command that continues the current work (see `resumable`)."""
-    return _resume[0] if _resume else None
+    """The outermost registered command that continues the current work (see `resumable`); after
+    an interruption has left every `resumable` block, the command it carried out of them: a second
+    signal in the last milliseconds before exit still prints how to resume."""
+    return _resume[0] if _resume else _state.get("interrupted_resume")
 
 
 @contextlib.contextmanager
@@ -78,6 +80,7 @@ def resumable(command: str):
         yield
     except KeyboardInterrupt as exc:  # the outermost command wins: it is set last
         exc.resume = command
+        _state["interrupted_resume"] = command
         raise
     finally:
         _resume.remove(command)

@@ -208,3 +208,22 @@ def test_sigterm_during_set_up_is_one_line_and_exit_130(tmp_path):
     _, _, err = _signal_and_wait(proc, sig=signal.SIGTERM)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert re.fullmatch(r"interrupted(; resume with: .*)?", err.strip().splitlines()[-1]), err
+
+
+def test_the_resume_hint_outlives_the_resumable_block_an_interruption_left():
+    """A second signal can land after the first one's KeyboardInterrupt has left every
+    `resumable` block (the CLI is printing, the process exiting): its line still names the resume
+    command (CI saw "interrupted again: stopped at once" without it once)."""
+    from fedsim import interrupt
+
+    saved = dict(interrupt._state)
+    try:
+        interrupt._state.pop("interrupted_resume", None)
+        with pytest.raises(KeyboardInterrupt):
+            with interrupt.resumable("fedsim compare --resume OUTER"), interrupt.resumable("fedsim run --resume INNER"):
+                raise KeyboardInterrupt
+        assert interrupt.resume_command() == "fedsim compare --resume OUTER"  # the outermost, as inside
+    finally:
+        interrupt._state.clear()
+        interrupt._state.update(saved)
+    assert interrupt.resume_command() is None
