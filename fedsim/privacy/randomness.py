@@ -3,8 +3,9 @@
 Three draws must be unknown to anyone who sees the run's outputs and configuration: the ULS
 cohort (Poisson user sampling), the ELS batch (Poisson example sampling) and the noise.
 Amplification by subsampling assumes the adversary cannot tell who was sampled, and subtracting
-a predictable noise vector from a release recovers the clipped sum exactly. All three are drawn
-here, and nowhere else.
+a predictable noise vector from a release recovers the clipped sum exactly. All of them (the
+list below, with adaptive clipping's count noise and the audit's canary coins) are drawn here,
+and nowhere else.
 
 The generator
 -------------
@@ -16,6 +17,17 @@ The generator
 * reproducible mode (``dp.reproducible: true``, tests and debugging only, never real data):
   SHA-256 of a label and ``run.seed``. Anyone who reads ``config.yaml`` can regenerate every
   cohort and every noise vector: the reported epsilon does not hold.
+
+Every secret draw of a run, by purpose (the step is the round or ELS step):
+
+* ``uls-cohort``: the ULS cohort (Poisson; with banded MF, Poisson within the round's group),
+  `fedsim/sampling.py`;
+* ``els-sample``: the ELS batch of examples, `fedsim/sampling.py`;
+* ``uls-noise`` / ``els-noise``: the mechanism's noise on the clipped sum (Gaussian, LMO, or the
+  fresh z_t of banded MF's correlated noise), `privacy/mechanisms.py`, `privacy/banded_mf.py`;
+* ``uls-clip-count-noise`` / ``els-clip-count-noise``: adaptive clipping's noise on the count
+  of unclipped contributions, `privacy/adaptive_clipping.py`;
+* ``audit-inclusion``: `fedsim audit`'s secret coin per canary, `auditing/canaries.py`.
 
 Every draw has a *purpose* and a *step* (e.g. ``("uls-noise", 7)``). Its bits are the
 AES-256-CTR keystream (OpenSSL, through the `cryptography` package) under the subkey
