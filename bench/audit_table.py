@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out" / "audit"
-LMO = ["--set", "dp.mechanism=lmo", "--set", "dp.accountant=lmo_faithful"]
+LMO = ["--set", "dp.mechanism=lmo", "--set", "dp.accountant=lmo_faithful", "--set", "dp.adaptive_clip=null"]
 
 
 def fedsim(args: list[str]) -> float:

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         for eps in args.epsilons.split(","):
             for mech in ("gaussian", "lmo"):
                 cmd = ["fedsim", "compare", str(ROOT / "configs/default.yaml"), "--set", f"dp.epsilon={eps}",
-                       "--set", f"dp.mechanism={mech}", "--set", f"run.output_dir={out}",
+                       "--set", f"dp.mechanism={mech}", "--set", "dp.adaptive_clip=null", "--set", f"run.output_dir={out}",
                        "--set", f"compare.name=cmp_{mech}_eps{eps}"]
                 print(" ".join(cmd), file=sys.stderr)
                 subprocess.run(cmd, check=True, cwd=ROOT)

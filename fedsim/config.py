@@ -398,7 +398,8 @@ class ExperimentConfig(_Strict):
             raise ValueError("model.arch.n_embd must be divisible by model.arch.n_head")
         if self.dp.adaptive_clip is not None and self.dp.mechanism != "gaussian":
             raise ValueError(f"dp.adaptive_clip needs dp.mechanism gaussian (got {self.dp.mechanism!r}): its noise"
-                             " split and accounting are for Gaussian noise")
+                             " split and accounting are for Gaussian noise; set dp.adaptive_clip=null to clip at"
+                             f" a fixed dp.clip_norm ({self.dp.clip_norm:g}) with {self.dp.mechanism}")
         if self.dp.banded_mf is not None and self.dp.mechanism != "banded_mf":
             raise ValueError(f"dp.banded_mf is set but dp.mechanism is {self.dp.mechanism!r}: banded MF noise is"
                              " its own mechanism (dp.mechanism: banded_mf) and cannot be combined with another")

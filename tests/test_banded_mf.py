@@ -73,7 +73,7 @@ def test_one_band_is_dp_fedavgs_event_and_epsilon_exactly():
     for name in ("pld", "rdp"):
         assert epsilon(make_accountant(name), band1.run_event(q, T), delta) == \
             epsilon(make_accountant(name), gauss.run_event(q, T), delta)
-    assert epsilon(make_accountant("pld"), band1.run_event(q, T), delta) == pytest.approx(2.1245, abs=1e-3)  # DESIGN.md
+    assert epsilon(make_accountant("pld"), band1.run_event(q, T), delta) == pytest.approx(2.1245, abs=1e-3)  # dp_accounting PLD, the known value
     # through the plan: the same calibrated sigma and planned epsilon as dp.mechanism gaussian
     from fedsim.plan import plan_uls
 
