@@ -60,7 +60,7 @@ class CyclicPoissonSampler:
         g = self.group(step)
         size = max(0, -(-(self.num_members - g) // self.groups))  # |{g, g + groups, ...} below N|
         idx = self.randomness.stream(self.purpose, step).bernoulli_indices(size, self.p)
-        return idx * self.groups + g if self.groups > 1 else idx
+        return idx * self.groups + g
 
 
 def participation_sampler(num_members: int, q: float, groups: int, randomness: SecretRandomness, purpose: str):

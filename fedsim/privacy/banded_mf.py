@@ -325,8 +325,7 @@ class BandedNoise:
 
     def add(self, aggregate, step: int):
         """Add round `step`'s noise to `aggregate` in place; returns (aggregate, released metrics)."""
-        from fedsim.privacy import sabotage
-        from fedsim.privacy.randomness import snap_to_grid
+        from fedsim.privacy.mechanisms import add_snapped
 
         flat = aggregate.view(-1)
         d = flat.numel()
@@ -339,13 +338,7 @@ class BandedNoise:
         if self.grid_scale == 0:  # non-private reference run: nothing to draw
             self.next_step = step + 1
             return aggregate, released
-        import torch
-
         for start, w in self._draw(step, d):
-            part = flat[start:start + w.numel()]
-            noise = w.mul_(self.scale)  # w's copy for later rounds is already in the ring buffer
-            if sabotage.active("weak-noise"):  # the audit's self-test only (fedsim/privacy/sabotage.py)
-                noise.div_(sabotage.WEAK_NOISE_FACTOR)
-            y = noise.add_(part.detach().to("cpu", torch.float64))
-            part.copy_(snap_to_grid(y, self.grid_scale))
+            # w's copy for later rounds is already in the ring buffer: scale this one in place
+            add_snapped(flat[start:start + w.numel()], w.mul_(self.scale), self.grid_scale)
         return aggregate, released

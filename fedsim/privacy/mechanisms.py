@@ -32,6 +32,16 @@ def binomial_pmf(k: int, q: float) -> list[float]:
     return [math.comb(k, m) * q**m * (1.0 - q) ** (k - m) for m in range(k + 1)]
 
 
+def add_snapped(part: torch.Tensor, noise: torch.Tensor, grid_scale: float) -> None:
+    """part <- snap(noise + part): one chunk of a release, the sum in float64 rounded to the grid of
+    `grid_scale` (floating-point hardening, `privacy/randomness.py`). `noise` (float64, CPU) is
+    consumed. Every mechanism's noise (independent or banded MF) reaches a release through here."""
+    if sabotage.active("weak-noise"):  # the audit's self-test only (fedsim/privacy/sabotage.py)
+        noise.div_(sabotage.WEAK_NOISE_FACTOR)
+    y = noise.add_(part.detach().to("cpu", torch.float64))
+    part.copy_(snap_to_grid(y, grid_scale))
+
+
 class NoiseMechanism(abc.ABC):
     """One central-DP release of a sum of per-user updates clipped to `clip_norm`."""
 
@@ -101,11 +111,7 @@ class NoiseMechanism(abc.ABC):
             return aggregate, released
         for start in range(0, flat.numel(), NOISE_CHUNK):
             part = flat[start:start + NOISE_CHUNK]
-            z = self.sample_noise(stream, part.numel())
-            if sabotage.active("weak-noise"):  # the audit's self-test only (fedsim/privacy/sabotage.py)
-                z.div_(sabotage.WEAK_NOISE_FACTOR)
-            y = z.add_(part.detach().to("cpu", torch.float64))
-            part.copy_(snap_to_grid(y, grid_scale))
+            add_snapped(part, self.sample_noise(stream, part.numel()), grid_scale)
         return aggregate, released
 
     @abc.abstractmethod
